@@ -1,0 +1,122 @@
+"""Per-chunk KV records in LMDB: one record per (chunk, layer) of raw fp16 bytes, plus one metadata record.
+
+One record per layer is what lets the online path stream a context in layer by layer. Every key
+starts with the KV fingerprint (model weights + prompt prefix), so KV of another model is never served.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+
+import lmdb
+import numpy as np
+import torch
+
+from kvchunks.precompute import ChunkKV
+
+STORAGE_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class KVMeta:
+    tokens: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    crc32: list[int]
+    dtype: str = "float16"
+    key_layout: str = "pre-rope"
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int]:
+        return (self.kv_heads, self.tokens, self.head_dim)
+
+    @property
+    def layer_bytes(self) -> int:
+        return 2 * self.kv_heads * self.tokens * self.head_dim * np.dtype(STORAGE_DTYPE).itemsize
+
+
+class KVStore:
+    def __init__(self, env: lmdb.Environment, kv_fingerprint: str):
+        self.env = env
+        self.fingerprint = kv_fingerprint
+        self.kv_db = env.open_db(b"kv")
+        self.meta_db = env.open_db(b"kvmeta")
+
+    def _meta_key(self, chunk_id: str) -> bytes:
+        return f"{self.fingerprint}/{chunk_id}".encode()
+
+    def _layer_key(self, chunk_id: str, layer: int) -> bytes:
+        return f"{self.fingerprint}/{chunk_id}/{layer:04d}".encode()
+
+    def meta(self, txn: lmdb.Transaction, chunk_id: str) -> KVMeta | None:
+        raw = txn.get(self._meta_key(chunk_id), db=self.meta_db)
+        return None if raw is None else KVMeta(**json.loads(bytes(raw)))
+
+    def contains(self, txn: lmdb.Transaction, chunk_id: str) -> bool:
+        return txn.get(self._meta_key(chunk_id), db=self.meta_db) is not None
+
+    def put(self, txn: lmdb.Transaction, chunk_id: str, kv: ChunkKV) -> int:
+        """Write all layers and the metadata inside the caller's transaction; returns payload bytes."""
+        keys = kv.keys.to(torch.float16).cpu().numpy()
+        values = kv.values.to(torch.float16).cpu().numpy()
+        checksums, total = [], 0
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            payload = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
+            checksums.append(zlib.crc32(payload))
+            total += len(payload)
+            txn.put(self._layer_key(chunk_id, layer), payload, db=self.kv_db)
+        layers, kv_heads, tokens, head_dim = keys.shape
+        meta = KVMeta(tokens=tokens, layers=layers, kv_heads=kv_heads, head_dim=head_dim, crc32=checksums)
+        txn.put(self._meta_key(chunk_id), json.dumps(asdict(meta)).encode(), db=self.meta_db)
+        return total
+
+    def delete(self, txn: lmdb.Transaction, chunk_id: str) -> None:
+        meta = self.meta(txn, chunk_id)
+        if meta is None:
+            return
+        for layer in range(meta.layers):
+            txn.delete(self._layer_key(chunk_id, layer), db=self.kv_db)
+        txn.delete(self._meta_key(chunk_id), db=self.meta_db)
+
+    def read_layer(self, txn: lmdb.Transaction, chunk_id: str, layer: int, meta: KVMeta) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-copy fp16 views of one layer's K and V (valid while `txn` is open)."""
+        raw = txn.get(self._layer_key(chunk_id, layer), db=self.kv_db)
+        if raw is None:
+            raise KeyError(f"KV record missing for chunk {chunk_id} layer {layer}")
+        if len(raw) != meta.layer_bytes:
+            raise ValueError(f"KV record for chunk {chunk_id} layer {layer} has {len(raw)} bytes, expected {meta.layer_bytes}")
+        flat = np.frombuffer(raw, dtype=STORAGE_DTYPE)
+        half = flat.size // 2
+        return flat[:half].reshape(meta.layer_shape), flat[half:].reshape(meta.layer_shape)
+
+    def load(self, chunk_id: str) -> ChunkKV:
+        """A whole chunk's KV (fp16 as stored), for inspection and tests."""
+        with self.env.begin(buffers=True) as txn:
+            meta = self.meta(txn, chunk_id)
+            if meta is None:
+                raise KeyError(f"no KV stored for chunk {chunk_id}")
+            pairs = [self.read_layer(txn, chunk_id, layer, meta) for layer in range(meta.layers)]
+            keys = torch.from_numpy(np.stack([k for k, _ in pairs]))
+            values = torch.from_numpy(np.stack([v for _, v in pairs]))
+        return ChunkKV(keys, values)
+
+    def chunk_ids(self, txn: lmdb.Transaction) -> list[str]:
+        prefix = f"{self.fingerprint}/".encode()
+        with txn.cursor(db=self.meta_db) as cursor:
+            if not cursor.set_range(prefix):
+                return []
+            return [bytes(key)[len(prefix):].decode() for key in cursor.iternext(values=False) if bytes(key).startswith(prefix)]
+
+    def verify(self, txn: lmdb.Transaction, chunk_id: str) -> list[str]:
+        """Problems with one chunk's records (missing layer, wrong size, checksum mismatch)."""
+        meta = self.meta(txn, chunk_id)
+        if meta is None:
+            return [f"chunk {chunk_id}: no KV metadata"]
+        problems = []
+        for layer, expected in enumerate(meta.crc32):
+            raw = txn.get(self._layer_key(chunk_id, layer), db=self.kv_db)
+            if raw is None or len(raw) != meta.layer_bytes or zlib.crc32(raw) != expected:
+                problems.append(f"chunk {chunk_id}: layer {layer} record missing or corrupt")
+        return problems

@@ -1,0 +1,20 @@
+"""Rotary position embedding applied through the model's own rotary module, so scaled variants stay exact."""
+from __future__ import annotations
+
+import torch
+
+
+def rotary_cos_sin(rotary_emb: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for 1-D `positions`, shaped [1, n, head_dim]; angles are computed in fp32 by the model."""
+    probe = torch.empty(1, dtype=dtype, device=positions.device)
+    return rotary_emb(probe, positions[None, :])
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pre-RoPE keys [..., n, head_dim] by per-position cos/sin [1, n, head_dim]."""
+    return keys * cos + rotate_half(keys) * sin

@@ -1,0 +1,7 @@
+"""ragblend: fast RAG by reusing and fusing precomputed per-chunk KV caches."""
+from ragblend.api import RagBlend, SearchHit
+from ragblend.documents import Document, DocumentError
+from ragblend.store import StoreMismatchError
+
+__all__ = ["Document", "DocumentError", "RagBlend", "SearchHit", "StoreMismatchError"]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""Reading documents from .txt, .md and .jsonl files and folders, with errors that say where."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+class DocumentError(ValueError):
+    """Unreadable input: names the file (and line) so the user can fix it."""
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def content_hash(self) -> str:
+        payload = json.dumps({"text": self.text, "metadata": self.metadata}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def text_id(text: str) -> str:
+    return "doc-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def coerce_document(item: str | dict | Document, where: str = "document") -> Document:
+    """A string, a dict with `text` (and optional `id`, `metadata`), or a Document."""
+    if isinstance(item, Document):
+        return item
+    if isinstance(item, str):
+        item = {"text": item}
+    if not isinstance(item, dict):
+        raise DocumentError(f"{where}: expected a string or a dict with 'text', got {type(item).__name__}")
+    text = item.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DocumentError(f"{where}: 'text' must be a non-empty string")
+    metadata = item.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise DocumentError(f"{where}: 'metadata' must be an object")
+    doc_id = item.get("id")
+    if doc_id is not None and (not isinstance(doc_id, (str, int)) or str(doc_id) == ""):
+        raise DocumentError(f"{where}: 'id' must be a non-empty string")
+    return Document(id=str(doc_id) if doc_id is not None else text_id(text), text=text, metadata=metadata)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise DocumentError(f"{path}: looks like a binary file, not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DocumentError(f"{path}: file is empty")
+    return text
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DocumentError(f"{where}: malformed JSON ({exc.msg})") from None
+        doc = coerce_document(item, where)
+        doc.source = where
+        docs.append(doc)
+    return docs
+
+
+def _files(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """(file, root) pairs; a folder contributes its supported files, recursively, in sorted order."""
+    found = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DocumentError(f"{path}: no such file or folder")
+        if path.is_dir():
+            found += [(f, path) for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES]
+        elif path.suffix.lower() in SUPPORTED_SUFFIXES:
+            found.append((path, path.parent))
+        else:
+            raise DocumentError(f"{path}: unsupported file type (use {', '.join(SUPPORTED_SUFFIXES)})")
+    return found
+
+
+def read_documents(paths: list[str | Path]) -> list[Document]:
+    """All documents under `paths`; every file is read and checked before anything is returned."""
+    docs: list[Document] = []
+    for file, root in _files(paths):
+        if file.suffix.lower() == ".jsonl":
+            docs += _read_jsonl(file)
+        else:
+            relative = file.relative_to(root).as_posix()
+            docs.append(Document(id=relative, text=_read_text(file), metadata={"path": relative}, source=str(file)))
+    if not docs:
+        raise DocumentError(f"no {', '.join(SUPPORTED_SUFFIXES)} files found under {', '.join(map(str, paths))}")
+    duplicates = sorted(doc_id for doc_id, n in Counter(d.id for d in docs).items() if n > 1)
+    if duplicates:
+        raise DocumentError(f"duplicate document ids: {', '.join(duplicates[:5])}")
+    return docs

