@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from index.embedder import Embedder
 from kvchunks.chunking import validate_chunk_tokens
+from ragblend.answer import Answer, AnswerStream, ChunkRef
+from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.documents import Document, coerce_document
+from ragblend.fusion import BlendConfig, FusionEngine, Prefill
+from ragblend.generate import SamplingConfig, decode
 from ragblend.ingest import Ingestor, IngestReport
+from ragblend.layout import PromptLayout
+from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel, load_model
 from ragblend.prompt import PromptTemplate
 from ragblend.store import Manifest, Store
@@ -17,6 +24,7 @@ from ragblend.store import Manifest, Store
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every model is local
 
 DEFAULT_CHUNK_TOKENS = 256
+MODES = ("blend", "reuse", "prefix", "full")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RagBlend:
             index_kind=index_kind or (existing.index_kind if existing else "flat"),
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
+        self.engine = FusionEngine(self.model)
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False) -> list[str]:
         """Ingest documents (strings, dicts with `text` and optional `id`/`metadata`); returns their ids."""
@@ -83,3 +92,114 @@ class RagBlend:
 
     def stats(self):
         return self.store.stats()
+
+    # ---- the online path ------------------------------------------------------------------------
+
+    def query(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
+              recompute_ratio: float = 0.15, max_new_tokens: int = 64, temperature: float = 0.0,
+              stop: list[str] | None = None, stream: bool = False, check_layer: int = 1, load_depth: int = 2,
+              seed: int | None = None) -> Answer | AnswerStream:
+        """Retrieve (or take `contexts`), fuse the chunks' stored KV as `mode` says, and generate.
+
+        Modes, all over the same prompt tokens: `full` prefills everything; `prefix` reuses the prefix
+        and first chunk; `reuse` concatenates all stored KV and prefills only the question; `blend`
+        (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most.
+        """
+        self._validate_query(question, mode, top_k, recompute_ratio, max_new_tokens, check_layer)
+        start = time.perf_counter()
+        chunks = self._contexts(question, contexts, top_k)
+        retrieved = time.perf_counter()
+        self._ensure_kv(chunks)
+        layout = PromptLayout.build(self.template.prefix_ids, [(c.chunk_id, c.token_ids) for c in chunks],
+                                    self.template.suffix_ids(question))
+        if len(layout) + max_new_tokens > self.model.max_positions:
+            raise ValueError(f"prompt of {len(layout)} tokens + {max_new_tokens} new tokens exceeds the model's "
+                             f"window of {self.model.max_positions}; use fewer or shorter contexts")
+        prepared = time.perf_counter()
+        prefill = self._prefill(layout, mode, recompute_ratio, check_layer, load_depth)
+        first_token = time.perf_counter()
+        timings = {"retrieve_s": retrieved - start, "prepare_s": prepared - retrieved, **prefill.timings,
+                   "ttft_s": first_token - retrieved}
+        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
+        generated: list[int] = []
+        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated)
+
+        def finish(text: str) -> Answer:
+            timings["decode_s"] = time.perf_counter() - first_token
+            timings["total_s"] = time.perf_counter() - retrieved
+            refs = [ChunkRef(c.chunk_id, c.doc_id, c.score, len(c.token_ids)) for c in chunks]
+            return Answer(text.strip(), mode, timings["ttft_s"], timings, len(layout), prefill.recomputed_tokens,
+                          refs, generated, prefill.logits)
+
+        answer_stream = AnswerStream(pieces, finish)
+        return answer_stream if stream else answer_stream.collect()
+
+    @staticmethod
+    def _validate_query(question, mode, top_k, ratio, max_new_tokens, check_layer) -> None:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if check_layer < 0:
+            raise ValueError(f"check_layer must be >= 0, got {check_layer}")
+
+    def _contexts(self, question: str, contexts: list | None, top_k: int) -> list[ContextChunk]:
+        if contexts is None:
+            hits = self.search(question, top_k)
+            if not hits:
+                raise ValueError("the store has no documents to retrieve from; add documents or pass contexts=")
+            return [from_hit(h) for h in hits]
+        if not contexts:
+            raise ValueError("contexts must be a non-empty list (or None to retrieve)")
+        chunks: list[ContextChunk] = []
+        for item in contexts:
+            chunks.extend(self._context(item))
+        return chunks
+
+    def _context(self, item) -> list[ContextChunk]:
+        """A SearchHit, a LangChain Document (its stored chunk is reused when it names one) or a string."""
+        if isinstance(item, SearchHit):
+            return [from_hit(item)]
+        metadata = getattr(item, "metadata", None) or {}
+        if metadata.get("chunk_id"):
+            with self.store.env.begin() as txn:
+                record = self.store.docs.get_chunk(txn, metadata["chunk_id"])
+            if record is not None:
+                return [ContextChunk(record.chunk_id, tuple(record.token_ids), record.text, record.doc_id,
+                                     metadata.get("score"))]
+        text = getattr(item, "page_content", item)
+        return from_text(text, self.template.chunk_ids, self.store.manifest.kv_fingerprint,
+                         self.store.manifest.chunk_tokens, metadata.get("doc_id"))
+
+    def _ensure_kv(self, chunks: list[ContextChunk]) -> None:
+        """Compute and store the KV of chunks the store lacks, so the next query reuses it."""
+        with self.store.env.begin() as txn:
+            missing = {c.chunk_id: c for c in chunks if not self.store.kv.contains(txn, c.chunk_id)}
+        if not missing:
+            return
+        kvs = self.ingestor.compute([list(c.token_ids) for c in missing.values()])
+        with self.store.env.begin(write=True) as txn:
+            for chunk_id, kv in zip(missing, kvs):
+                self.store.kv.put(txn, chunk_id, kv)
+
+    def _prefill(self, layout: PromptLayout, mode: str, ratio: float, check_layer: int, depth: int) -> Prefill:
+        if mode == "full":
+            return self.engine.full_prefill(layout)
+        stored_spans = 2 if mode == "prefix" else len(layout.spans)
+        first_computed = layout.spans[stored_spans - 1].end
+        blend = BlendConfig(ratio, min(check_layer, self.model.num_layers - 1)) if mode == "blend" else None
+        cos, sin = self.engine.rotary(len(layout))
+        loader = LayerLoader(self.store.kv, layout, self.ingestor.prefix_kv, cos, sin, self.model.num_layers,
+                             self.model.dtype, self.model.device, depth, stored_spans)
+        try:
+            prefill = self.engine.prefill(layout, loader, first_computed, cos, sin, blend)
+        finally:
+            loader.close()
+        prefill.timings.update(load_s=loader.stats.busy_s, load_exposed_s=loader.stats.exposed_s)
+        return prefill

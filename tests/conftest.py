@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models for fast exactness tests, the real embedder, temp stores."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from index.embedder import Embedder  # noqa: E402
+from ragblend.model import LoadedModel, default_model_path, load_model  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Small enough to run in milliseconds, shaped like the real families (GQA, biases, scaled RoPE).
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2),
+    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+    "llama3_rope": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 512}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The real default model as safetensors (converted from the bundled GGUF once per machine)."""
+    return default_model_path()
+
+
+def make_tiny_model_dir(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A randomly initialised causal LM saved as a local HF folder, with SmolLM2's tokenizer."""
+    spec = dict(TINY_CONFIGS[kind])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, max_position_embeddings=8192, rope_theta=10000.0,
+                                  tie_word_embeddings=True, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init leaves q/k/v biases at zero; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    folder = root / f"tiny-{kind}-{seed}"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, smollm_dir):
+    cache: dict[tuple[str, int], LoadedModel] = {}
+
+    def make(kind: str = "llama", seed: int = 0) -> LoadedModel:
+        if (kind, seed) not in cache:
+            folder = make_tiny_model_dir(tmp_path_factory.mktemp("models"), kind, smollm_dir, seed)
+            cache[kind, seed] = load_model(folder, device="cpu")
+        return cache[kind, seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory) -> LoadedModel:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir) -> LoadedModel:
+    return load_model(smollm_dir, device="cpu")
+
+
+@pytest.fixture
+def shared_eval() -> Path:
+    folder = SHARED / "eval"
+    if not (folder / "musique_s.json").is_file():
+        pytest.skip(f"evaluation data not found at {folder} (the shared/ folder beside the checkout)")
+    return folder
