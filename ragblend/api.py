@@ -38,6 +38,14 @@ class SearchHit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PreparedPrompt:
+    layout: PromptLayout
+    prefill: Prefill
+    chunks: list[ContextChunk]
+    timings: dict[str, float]
+
+
 class RagBlend:
     """A store of documents with precomputed per-chunk KV, and a model to answer questions over it."""
 
@@ -105,28 +113,19 @@ class RagBlend:
         and first chunk; `reuse` concatenates all stored KV and prefills only the question; `blend`
         (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most.
         """
-        self._validate_query(question, mode, top_k, recompute_ratio, max_new_tokens, check_layer)
-        start = time.perf_counter()
-        chunks = self._contexts(question, contexts, top_k)
-        retrieved = time.perf_counter()
-        self._ensure_kv(chunks)
-        layout = PromptLayout.build(self.template.prefix_ids, [(c.chunk_id, c.token_ids) for c in chunks],
-                                    self.template.suffix_ids(question))
-        if len(layout) + max_new_tokens > self.model.max_positions:
-            raise ValueError(f"prompt of {len(layout)} tokens + {max_new_tokens} new tokens exceeds the model's "
-                             f"window of {self.model.max_positions}; use fewer or shorter contexts")
-        prepared = time.perf_counter()
-        prefill = self._prefill(layout, mode, recompute_ratio, check_layer, load_depth)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
+                                check_layer=check_layer, load_depth=load_depth, reserve_tokens=max_new_tokens)
+        layout, prefill, chunks, timings = prepared.layout, prepared.prefill, prepared.chunks, prepared.timings
         first_token = time.perf_counter()
-        timings = {"retrieve_s": retrieved - start, "prepare_s": prepared - retrieved, **prefill.timings,
-                   "ttft_s": first_token - retrieved}
         sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
         generated: list[int] = []
         pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated)
 
         def finish(text: str) -> Answer:
             timings["decode_s"] = time.perf_counter() - first_token
-            timings["total_s"] = time.perf_counter() - retrieved
+            timings["total_s"] = timings["ttft_s"] + timings["decode_s"]
             refs = [ChunkRef(c.chunk_id, c.doc_id, c.score, len(c.token_ids)) for c in chunks]
             return Answer(text.strip(), mode, timings["ttft_s"], timings, len(layout), prefill.recomputed_tokens,
                           refs, generated, prefill.logits)
@@ -134,8 +133,28 @@ class RagBlend:
         answer_stream = AnswerStream(pieces, finish)
         return answer_stream if stream else answer_stream.collect()
 
+    def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
+                recompute_ratio: float = 0.15, check_layer: int = 1, load_depth: int = 2,
+                reserve_tokens: int = 0) -> "PreparedPrompt":
+        """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
+        self._validate_query(question, mode, top_k, recompute_ratio, check_layer)
+        start = time.perf_counter()
+        chunks = self._contexts(question, contexts, top_k)
+        retrieved = time.perf_counter()
+        layout = PromptLayout.build(self.template.prefix_ids, [(c.chunk_id, c.token_ids) for c in chunks],
+                                    self.template.suffix_ids(question))
+        if len(layout) + reserve_tokens > self.model.max_positions:
+            raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
+                             f"window of {self.model.max_positions}; use fewer or shorter contexts")
+        self._ensure_kv(chunks)
+        prepared = time.perf_counter()
+        prefill = self._prefill(layout, mode, recompute_ratio, check_layer, load_depth)
+        timings = {"retrieve_s": retrieved - start, "prepare_s": prepared - retrieved, **prefill.timings,
+                   "ttft_s": time.perf_counter() - retrieved}
+        return PreparedPrompt(layout, prefill, chunks, timings)
+
     @staticmethod
-    def _validate_query(question, mode, top_k, ratio, max_new_tokens, check_layer) -> None:
+    def _validate_query(question, mode, top_k, ratio, check_layer) -> None:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         if mode not in MODES:
@@ -144,8 +163,6 @@ class RagBlend:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {check_layer}")
 

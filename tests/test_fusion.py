@@ -1,0 +1,213 @@
+"""The online path's contract: every mode over the same prompt, blend exact at ratio 1, HKVD picks right."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvchunks.rope import apply_rope, rotary_cos_sin
+from ragblend import RagBlend
+from ragblend.fusion import select_hkvd, value_deviation
+
+PASSAGES = [
+    "The lighthouse of Varn was built in 1821 by the engineer Oda Pell. It stands on a granite cliff.",
+    "Oda Pell later moved to the city of Kessel, where she designed three bridges over the river Am.",
+    "Kessel is famous for its glass markets. Its mayor in 1850 was Tomas Reh.",
+]
+QUESTION = "Which city did the builder of the Varn lighthouse move to?"
+KINDS = ["llama", "llama_mha", "qwen2", "llama3_rope"]
+
+
+@pytest.fixture(scope="module")
+def rb_factory(tiny_model_factory, embedder, tmp_path_factory):
+    made: dict[str, RagBlend] = {}
+
+    def make(kind: str = "llama") -> RagBlend:
+        if kind not in made:
+            made[kind] = RagBlend(tmp_path_factory.mktemp(f"store-{kind}"), model=tiny_model_factory(kind), embedder=embedder)
+        return made[kind]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def rb(rb_factory) -> RagBlend:
+    return rb_factory("llama")
+
+
+def first_logits(rb: RagBlend, contexts, mode: str, ratio: float = 0.15) -> torch.Tensor:
+    return rb.prefill(QUESTION, contexts=contexts, mode=mode, recompute_ratio=ratio).prefill.logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blend_at_full_ratio_reproduces_full_prefill(rb_factory, kind):
+    rb = rb_factory(kind)
+    full = rb.query(QUESTION, contexts=PASSAGES, mode="full", max_new_tokens=6)
+    blend = rb.query(QUESTION, contexts=PASSAGES, mode="blend", recompute_ratio=1.0, max_new_tokens=6)
+    assert (blend.first_token_logits - full.first_token_logits).abs().max() < 1e-4
+    assert blend.token_ids == full.token_ids
+
+
+def test_llama3_scaled_rope_config_is_really_scaled(tiny_model_factory):
+    params = tiny_model_factory("llama3_rope").config.rope_parameters
+    assert params["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reuse_of_a_single_chunk_equals_full_prefill(rb_factory, kind):
+    rb = rb_factory(kind)
+    reuse = rb.query(QUESTION, contexts=PASSAGES[:1], mode="reuse", max_new_tokens=6)
+    full = rb.query(QUESTION, contexts=PASSAGES[:1], mode="full", max_new_tokens=6)
+    assert (reuse.first_token_logits - full.first_token_logits).abs().max() < 1e-3  # fp16 storage
+    assert reuse.token_ids == full.token_ids
+
+
+def test_prefix_mode_reuses_only_prefix_and_first_chunk(rb):
+    prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="prefix")
+    assert prepared.prefill.recomputed_tokens == len(prepared.layout) - prepared.layout.spans[1].end
+    full = first_logits(rb, PASSAGES, "full")
+    assert (prepared.prefill.logits - full).abs().max() < 1e-3  # the first chunk's stored KV is exact
+
+
+def test_every_cached_key_carries_rope_of_its_prompt_position(rb):
+    """Layer 0's KV depends only on the token, so the fused cache must equal a full forward's there."""
+    prepared = rb.prefill(QUESTION, contexts=list(reversed(PASSAGES)), mode="reuse")
+    ids = torch.tensor([prepared.layout.token_ids])
+    with torch.inference_mode():
+        reference = rb.model.model(ids, use_cache=True).past_key_values
+    fused = prepared.prefill.cache.layers[0].keys
+    assert torch.allclose(fused, reference.layers[0].keys, atol=2e-3, rtol=1e-3)
+    # and a stored pre-RoPE key rotated to another position would not match
+    span = prepared.layout.chunk_spans[1]
+    stored = rb.store.kv.load(span.key).keys[0].float()
+    cos, sin = rotary_cos_sin(rb.model.decoder.rotary_emb, torch.arange(span.length) + span.start + 5, torch.float32)
+    shifted = apply_rope(stored, cos, sin)
+    assert not torch.allclose(shifted, fused[0, :, span.start : span.end], atol=1e-2)
+
+
+def test_hkvd_picks_exactly_the_tokens_with_the_largest_value_deviation():
+    stored = torch.zeros(1, 2, 10, 4)
+    fresh = stored.clone()
+    for position, size in {3: 5.0, 7: 9.0, 8: 1.0, 1: 0.5}.items():
+        fresh[0, :, position] = size
+    deviation = value_deviation(fresh, stored)
+    assert deviation.argsort(descending=True)[:3].tolist() == [7, 3, 8]
+    candidates = torch.arange(2, 10)  # positions 0-1 are the prefix, never candidates
+    assert select_hkvd(deviation, candidates, 0.25).tolist() == [3, 7]
+    assert select_hkvd(deviation, candidates, 0.0).tolist() == []
+    assert select_hkvd(deviation, candidates, 1.0).tolist() == list(range(2, 10))
+
+
+def test_blend_recomputes_the_ratio_of_chunk_tokens_plus_every_suffix_token(rb):
+    for ratio in (0.0, 0.15, 0.5):
+        prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", recompute_ratio=ratio)
+        layout = prepared.layout
+        chunk_tokens = layout.suffix_start - layout.prefix_len
+        suffix_tokens = len(layout) - layout.suffix_start
+        assert prepared.prefill.recomputed_tokens == math.ceil(ratio * chunk_tokens - 1e-9) + suffix_tokens
+
+
+def test_blend_with_zero_ratio_equals_reuse(rb):
+    blend = first_logits(rb, PASSAGES, "blend", 0.0)
+    reuse = first_logits(rb, PASSAGES, "reuse")
+    assert (blend - reuse).abs().max() < 1e-3  # differs only by layer 0's fp16 rounding
+
+
+def test_blend_is_closer_to_full_than_reuse(rb):
+    full = first_logits(rb, PASSAGES, "full")
+    blend = first_logits(rb, PASSAGES, "blend", 0.5)
+    reuse = first_logits(rb, PASSAGES, "reuse")
+    assert (blend - full).abs().max() < (reuse - full).abs().max()
+
+
+def test_streaming_yields_the_same_text_as_a_plain_query(rb):
+    plain = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=12)
+    stream = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=12, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces).strip() == plain.text
+    assert stream.answer.text == plain.text
+
+
+def test_stop_string_ends_the_answer_before_it(rb):
+    plain = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=12)
+    if len(plain.text) < 4:
+        pytest.skip("the random model produced too short an answer to cut")
+    stop = plain.text[2:4]
+    cut = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=12, stop=[stop])
+    assert stop not in cut.text and plain.text.startswith(cut.text)
+
+
+@pytest.mark.parametrize("contexts", [
+    [PASSAGES[0], PASSAGES[0]],  # the same chunk twice
+    list(reversed(PASSAGES)),  # chunks in a new order
+    ["Yes."],  # a very short chunk
+], ids=["same-chunk-twice", "new-order", "short-chunk"])
+def test_edge_cases_still_reproduce_full_prefill_at_full_ratio(rb, contexts):
+    full = first_logits(rb, contexts, "full")
+    blend = first_logits(rb, contexts, "blend", 1.0)
+    assert (blend - full).abs().max() < 1e-4
+
+
+def test_one_token_chunk(rb):
+    one = rb.template.tokenizer.decode(rb.template.chunk_ids("Yes.")[:1])
+    prepared = rb.prefill(QUESTION, contexts=[one, PASSAGES[1]], mode="blend", recompute_ratio=1.0)
+    full = first_logits(rb, [one, PASSAGES[1]], "full")
+    assert (prepared.prefill.logits - full).abs().max() < 1e-4
+
+
+def test_misses_are_stored_and_the_same_query_twice_gives_the_same_answer(rb):
+    fresh = ["A passage never seen before about the moon Iru and its silver lakes."]
+    first = rb.query(QUESTION, contexts=fresh, max_new_tokens=6)
+    with rb.store.env.begin() as txn:
+        assert rb.store.kv.contains(txn, first.chunks[0].chunk_id)  # cached on the miss
+    second = rb.query(QUESTION, contexts=fresh, max_new_tokens=6)
+    assert second.token_ids == first.token_ids
+    assert torch.equal(second.first_token_logits, first.first_token_logits)
+
+
+def test_retrieved_chunks_are_fed_with_their_stored_token_ids(rb):
+    rb.add_documents([{"id": "varn", "text": "\n\n".join(PASSAGES)}])
+    prepared = rb.prefill(QUESTION, top_k=2, mode="reuse")
+    hits = rb.search(QUESTION, top_k=2)
+    expected = list(rb.template.prefix_ids)
+    for hit in hits:
+        expected += hit.token_ids
+    expected += rb.template.suffix_ids(QUESTION)
+    assert list(prepared.layout.token_ids) == expected
+    assert [c.chunk_id for c in prepared.chunks] == [h.chunk_id for h in hits]
+
+
+def test_answer_reports_mode_timings_and_chunks(rb):
+    answer = rb.query(QUESTION, contexts=PASSAGES, mode="blend", max_new_tokens=4)
+    assert answer.mode == "blend"
+    assert answer.ttft_s > 0 and answer.ttft_s == answer.timings["ttft_s"]
+    for key in ("retrieve_s", "load_s", "load_exposed_s", "check_s", "partial_s", "decode_s", "total_s"):
+        assert key in answer.timings
+    assert len(answer.chunks) == 3 and answer.prompt_tokens > answer.recomputed_tokens > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="magic"), "unknown mode"),
+    (dict(top_k=-1), "top_k"),
+    (dict(recompute_ratio=1.5), "recompute_ratio"),
+    (dict(recompute_ratio=-0.1), "recompute_ratio"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(contexts=[]), "contexts"),
+    (dict(contexts=[""]), "non-empty"),
+])
+def test_bad_query_arguments_get_clear_errors(rb, kwargs, message):
+    kwargs.setdefault("contexts", PASSAGES)
+    with pytest.raises(ValueError, match=message):
+        rb.query(QUESTION, **kwargs)
+
+
+def test_empty_question_is_rejected(rb):
+    with pytest.raises(ValueError, match="question"):
+        rb.query("   ", contexts=PASSAGES)
+
+
+def test_context_longer_than_the_window_is_rejected(rb):
+    long_passages = ["word " * 200] * (rb.model.max_positions // 150)
+    with pytest.raises(ValueError, match="window"):
+        rb.query(QUESTION, contexts=long_passages, max_new_tokens=4)
