@@ -31,6 +31,26 @@ def _stats(args: argparse.Namespace) -> None:
             sys.exit(1)
 
 
+def _query(args: argparse.Namespace) -> None:
+    from ragblend.api import RagBlend
+
+    rb = RagBlend(args.store, model=args.model, embedder=args.embedder)
+    result = rb.query(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio,
+                      max_new_tokens=args.max_new_tokens, stream=args.stream)
+    if args.stream:
+        for piece in result:
+            print(piece, end="", flush=True)
+        print()
+        answer = result.answer
+    else:
+        answer = result
+        print(answer.text)
+    print(f"\n-- {answer.mode}: {answer.prompt_tokens} prompt tokens, {answer.recomputed_tokens} recomputed")
+    for ref in answer.chunks:
+        print(f"   {ref.score:.3f}  {ref.doc_id}  ({ref.tokens} tokens, chunk {ref.chunk_id[:12]})")
+    print("   " + "  ".join(f"{k}={v * 1000:.0f}ms" for k, v in answer.timings.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragblend", description="Fast RAG by fusing precomputed per-chunk KV caches.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default 256, or the store's)")
     ingest.add_argument("--index", choices=["flat", "hnsw"], help="vector index: exact flat (default) or approximate hnsw")
     ingest.set_defaults(run=_ingest)
+
+    query = commands.add_parser("query", help="answer a question from the store",
+                                description="Retrieve, fuse the chunks' stored KV and generate an answer.")
+    query.add_argument("question")
+    query.add_argument("--store", required=True)
+    query.add_argument("--model", help="must be the model the store was built with (default: bundled SmolLM2)")
+    query.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
+    query.add_argument("--mode", choices=["blend", "reuse", "prefix", "full"], default="blend")
+    query.add_argument("--top-k", type=int, default=4)
+    query.add_argument("--ratio", type=float, default=0.15, help="blend: share of chunk tokens to recompute")
+    query.add_argument("--max-new-tokens", type=int, default=64)
+    query.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    query.set_defaults(run=_query)
 
     stats = commands.add_parser("stats", help="what a store holds", description="Print what a store holds.")
     stats.add_argument("--store", required=True)
