@@ -6,6 +6,8 @@ import sys
 
 from ragblend.documents import DocumentError
 
+EVAL_CHUNK_TOKENS = 2048  # large enough that each evaluation passage stays one chunk
+
 
 def _ingest(args: argparse.Namespace) -> None:
     from ragblend.api import RagBlend
@@ -51,6 +53,56 @@ def _query(args: argparse.Namespace) -> None:
     print("   " + "  ".join(f"{k}={v * 1000:.0f}ms" for k, v in answer.timings.items()))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ragblend.api import RagBlend
+    from ragblend.datasets import load_records
+    from ragblend.evaluate import EvalConfig, run_eval, summarize, summary_table, write_summary
+    from ragblend.plots import quality_vs_ttft, ratio_sweep, ttft_vs_context
+    from ragblend.speed import speed_sweep, speed_table
+    from ragblend.synthetic import make_synthetic
+
+    if (args.dataset is None) == (args.synthetic is None):
+        raise ValueError("give exactly one of --dataset FILE or --synthetic N")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dataset:
+        records = load_records(args.dataset)
+    else:
+        records = make_synthetic(args.synthetic, seed=args.seed)
+        (out / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = records[: args.limit] if args.limit else records
+    config = EvalConfig(modes=tuple(args.modes.split(",")), ratios=_floats(args.ratios), passages=args.passages,
+                        max_new_tokens=args.max_new_tokens)
+    rb = RagBlend(args.store or out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS)
+    rows = run_eval(rb, records, config, out)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    summaries = summarize(rows)
+    write_summary(summaries, out)
+    quality_vs_ttft(summaries, out / "quality_vs_ttft.png")
+    if any(s.label.startswith("blend@") for s in summaries):
+        ratio_sweep(summaries, out / "ratio_sweep.png")
+    print(summary_table(summaries))
+    if args.speed_sizes:
+        speed = speed_sweep(rb, records, _ints(args.speed_sizes), repeats=args.speed_repeats)
+        (out / "speed.json").write_text(json.dumps([asdict(r) for r in speed], indent=1))
+        (out / "speed.md").write_text(speed_table(speed) + "\n")
+        ttft_vs_context(speed, out / "ttft_vs_context.png")
+        print(speed_table(speed))
+    print(f"results in {out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragblend", description="Fast RAG by fusing precomputed per-chunk KV caches.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-new-tokens", type=int, default=64)
     query.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     query.set_defaults(run=_query)
+
+    evaluate = commands.add_parser("eval", help="quality and speed of every mode on a dataset",
+                                   description="Score every mode against gold answers and full prefill; "
+                                               "resumable (rerun with the same --out to continue).")
+    evaluate.add_argument("--dataset", help="JSON array or JSONL of {question, answers, ctxs[{title, text}]}")
+    evaluate.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic one- and two-hop questions")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+    evaluate.add_argument("--modes", default="full,prefix,reuse,blend")
+    evaluate.add_argument("--ratios", default="0.05,0.15,0.3,0.5", help="blend recompute ratios")
+    evaluate.add_argument("--limit", type=int, help="first N questions only")
+    evaluate.add_argument("--passages", type=int, help="first K passages of each question only")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--speed-sizes", default="", help="e.g. 2,4,6,10: also time every mode at these passage counts")
+    evaluate.add_argument("--speed-repeats", type=int, default=3)
+    evaluate.add_argument("--out", default="eval-out", help="output folder (results.json, summary, plots)")
+    evaluate.add_argument("--store", help="KV store for the passages (default: OUT/store)")
+    evaluate.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
+    evaluate.set_defaults(run=_eval)
 
     stats = commands.add_parser("stats", help="what a store holds", description="Print what a store holds.")
     stats.add_argument("--store", required=True)

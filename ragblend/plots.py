@@ -1,0 +1,60 @@
+"""PNG plots for the evaluation: quality against TTFT, the recompute-ratio sweep, TTFT against context."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ragblend.evaluate import ModeSummary  # noqa: E402
+from ragblend.speed import SpeedRow  # noqa: E402
+
+
+def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in summaries:
+        ax.scatter(s.ttft_s, s.f1, marker="o", color="tab:blue")
+        ax.scatter(s.ttft_s, s.identical, marker="^", color="tab:orange")
+        ax.annotate(s.label, (s.ttft_s, s.f1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([], [], marker="o", color="tab:blue", label="F1")
+    ax.scatter([], [], marker="^", color="tab:orange", label="identical to full")
+    ax.set(xlabel="median TTFT (s)", ylabel="score", title="Quality against time to first token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
+    blends = sorted((float(s.label.split("@")[1]), s) for s in summaries if s.label.startswith("blend@"))
+    refs = {s.label: s for s in summaries if s.label in ("full", "reuse")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    ratios = [r for r, _ in blends]
+    left.plot(ratios, [s.f1 for _, s in blends], "o-", label="blend F1")
+    left.plot(ratios, [s.identical for _, s in blends], "^-", label="blend identical to full")
+    right.plot(ratios, [s.ttft_s for _, s in blends], "o-", label="blend")
+    for name, style in (("full", "--"), ("reuse", ":")):
+        if name in refs:
+            left.axhline(refs[name].f1, linestyle=style, color="gray", label=f"{name} F1")
+            right.axhline(refs[name].ttft_s, linestyle=style, color="gray", label=name)
+    left.set(xlabel="recompute ratio", ylabel="score", title="Quality")
+    right.set(xlabel="recompute ratio", ylabel="median TTFT (s)", title="Speed")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ttft_vs_context(rows: list[SpeedRow], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(r.mode for r in rows):
+        points = sorted((r.prompt_tokens, r.ttft_s) for r in rows if r.mode == mode)
+        ax.plot(*zip(*points), "o-", label=mode)
+    ax.set(xlabel="prompt tokens", ylabel="median TTFT (s)", title="TTFT against context length")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
