@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from kvchunks.rope import rotary_cos_sin
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel
@@ -76,9 +77,8 @@ class FusionEngine:
         self.decoder = model.decoder
 
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(length, device=self.model.device)
-        probe = torch.empty(1, dtype=self.model.dtype, device=self.model.device)
-        return self.decoder.rotary_emb(probe, positions[None, :])
+        """cos/sin for every prompt position, computed once per query and shared with the loader."""
+        return rotary_cos_sin(self.decoder.rotary_emb, torch.arange(length, device=self.model.device), self.model.dtype)
 
     def _layer(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, length: int, cache: RowScatterCache,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Real-model check: on MuSiQue, blend stays much closer to full prefill than plain reuse does."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from ragblend import RagBlend
+from ragblend.cli import EVAL_CHUNK_TOKENS
+from ragblend.evaluate import EvalConfig, evaluate_record
+
+pytestmark = pytest.mark.integration
+
+
+def test_blend_tracks_full_prefill_far_better_than_reuse(smollm, embedder, shared_eval, tmp_path):
+    records = json.loads((shared_eval / "musique_s.json").read_text())[:10]
+    rb = RagBlend(tmp_path, model=smollm, embedder=embedder, chunk_tokens=EVAL_CHUNK_TOKENS)
+    config = EvalConfig(modes=("reuse", "blend"), ratios=(0.15,), passages=4, max_new_tokens=12)
+    rows = [row for record in records for row in evaluate_record(rb, record, config)]
+    by_label = {label: [r for r in rows if r["label"] == label] for label in ("reuse", "blend@0.15")}
+    kl = {label: statistics.mean(r["kl"] for r in items) for label, items in by_label.items()}
+    identical = {label: sum(r["identical"] for r in items) for label, items in by_label.items()}
+    print(f"mean first-token KL vs full: {kl}; identical answers out of 10: {identical}")
+    assert kl["blend@0.15"] < 0.5 * kl["reuse"]
+    assert identical["blend@0.15"] >= identical["reuse"]
