@@ -30,14 +30,20 @@ class ChunkKV:
 
 @contextmanager
 def capture_kv_projections(layers: torch.nn.ModuleList) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Record every layer's k_proj / v_proj outputs ([batch, seq, kv_heads*head_dim]) during a forward."""
+    """Record every layer's pre-RoPE keys and values during a forward.
+
+    Keys are taken after `k_norm` where the architecture has one (Qwen3, OLMo2: normalised before
+    RoPE), else at `k_proj`; values at `v_proj`.
+    """
     captured: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     handles = []
     for store, layer in zip(captured, layers):
-        for name in ("k_proj", "v_proj"):
+        attention = layer.self_attn
+        key_module = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
+        for name, module in (("keys", key_module), ("values", attention.v_proj)):
             def hook(_module, _inputs, output, store=store, name=name):
                 store[name] = output
-            handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
     try:
         yield captured
     finally:
@@ -46,9 +52,8 @@ def capture_kv_projections(layers: torch.nn.ModuleList) -> Iterator[list[dict[st
 
 
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[batch, seq, heads*head_dim] -> [batch, heads, seq, head_dim]."""
-    b, s, _ = x.shape
-    return x.view(b, s, -1, head_dim).transpose(1, 2)
+    """[batch, seq, heads*head_dim] or [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]."""
+    return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
 def prefix_cache(decoder: torch.nn.Module, prefix: ChunkKV, batch: int) -> DynamicCache:
@@ -79,8 +84,8 @@ def compute_kv(decoder: torch.nn.Module, token_batches: Sequence[Sequence[int]],
         mask = torch.cat([torch.ones(len(lengths), prefix.num_tokens, dtype=torch.long, device=device), mask], dim=1)
     with capture_kv_projections(decoder.layers) as captured:
         decoder(input_ids=input_ids, attention_mask=mask, use_cache=prefix is not None, **kwargs)
-    keys = torch.stack([_split_heads(c["k_proj"], head_dim) for c in captured], dim=1)  # [b, L, h, s, d]
-    values = torch.stack([_split_heads(c["v_proj"], head_dim) for c in captured], dim=1)
+    keys = torch.stack([_split_heads(c["keys"], head_dim) for c in captured], dim=1)  # [b, L, h, s, d]
+    values = torch.stack([_split_heads(c["values"], head_dim) for c in captured], dim=1)
     return [ChunkKV(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]
 
 

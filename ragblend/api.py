@@ -52,13 +52,15 @@ class RagBlend:
     def __init__(self, store_dir: str | Path, model: str | Path | LoadedModel | None = None,
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None):
-        self.store = Store(store_dir)
+        # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
         self.template = PromptTemplate.for_tokenizer(self.model.tokenizer)
+        if chunk_tokens is not None:
+            validate_chunk_tokens(chunk_tokens, self.model.max_positions)
+        self.store = Store(store_dir)
         existing = self.store.manifest
-        chunk_tokens = chunk_tokens or (existing.chunk_tokens if existing else DEFAULT_CHUNK_TOKENS)
-        validate_chunk_tokens(chunk_tokens, self.model.max_positions)
+        chunk_tokens = chunk_tokens if chunk_tokens is not None else (existing.chunk_tokens if existing else DEFAULT_CHUNK_TOKENS)
         self.store.bind(Manifest(
             kv_fingerprint=self.template.fingerprint(self.model.fingerprint), model=self.model.name,
             embedder_fingerprint=self.embedder.fingerprint, embedder=self.embedder.name,

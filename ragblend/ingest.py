@@ -154,6 +154,7 @@ class Ingestor:
 
     def delete(self, doc_ids: list[str]) -> None:
         """Remove documents, and every chunk (KV, embedding, text) no other document shares."""
+        doc_ids = list(dict.fromkeys(doc_ids))
         touched: set[str] = set()
         with self.store.env.begin(write=True) as txn:
             unknown = [d for d in doc_ids if self.store.docs.get_doc(txn, d) is None]

@@ -21,6 +21,21 @@ FORMAT_VERSION = 1
 _MAP_SIZE = 1 << 40  # address space only: the file grows with the data (sparse on Linux)
 
 
+_OPEN_ENVS: dict[Path, lmdb.Environment] = {}
+
+
+def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    """One LMDB environment per store folder and process (LMDB refuses a second open of the same file)."""
+    key = path.resolve()
+    cached = _OPEN_ENVS.get(key)
+    if cached is not None and (readonly or not cached.flags()["readonly"]):
+        return cached
+    if cached is not None:
+        cached.close()  # a read-only handle is upgraded to a writable one
+    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_MAP_SIZE, max_dbs=8, readonly=readonly)
+    return _OPEN_ENVS[key]
+
+
 class StoreMismatchError(ValueError):
     """The store was built with another model, prompt, embedder or chunk size than the one asked for."""
 
@@ -72,7 +87,7 @@ class Store:
             raise FileNotFoundError(f"no ragblend store at {self.path}")
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.path), map_size=_MAP_SIZE, max_dbs=8, readonly=readonly)
+        self.env = _open_env(self.path, readonly)
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.docs = DocStore(self.env)
         self.manifest = self._read_manifest()
@@ -188,4 +203,5 @@ class Store:
         return problems
 
     def close(self) -> None:
+        _OPEN_ENVS.pop(self.path.resolve(), None)
         self.env.close()
