@@ -11,9 +11,16 @@ import torch
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only, fp32"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+    return (f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, {device}")
 
 

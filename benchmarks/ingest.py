@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -22,11 +21,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from docsection import machine as describe_machine, replace_section  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "eval" / "musique_s.json"
 DEFAULT_DOCS_FILE = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
 
 
 @dataclass
@@ -85,8 +86,6 @@ class ModelTimer:
 
 
 def run(args: argparse.Namespace) -> tuple[Result, dict]:
-    import torch
-
     from ragblend.api import RagBlend
     from ragblend.model import load_model
 
@@ -102,29 +101,13 @@ def run(args: argparse.Namespace) -> tuple[Result, dict]:
             timer.remove()
         stats = rb.stats()
         rb.store.close()
-    device = str(model.device)
-    if model.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(model.device)})"
-    else:
-        device += f" ({_cpu_name()})"
-    machine = {"cores": os.cpu_count(), "torch threads": torch.get_num_threads(), "device": device,
-               "torch": torch.__version__, "model": model.name, "embedder": rb.embedder.name,
+    machine = {"machine": describe_machine(), "model": model.name, "embedder": rb.embedder.name,
                "chunk tokens": rb.store.manifest.chunk_tokens}
     result = Result(records=args.docs, documents=len(docs), chunks=stats.chunks, tokens=stats.tokens,
                     computed_tokens=report.computed_tokens,
                     wall_s=report.wall_s, model_s=timer.seconds, kv_bytes=stats.kv_bytes, disk_bytes=stats.disk_bytes,
                     expected_kv_bytes_per_token=cfg_kv)
     return result, machine
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: Result, machine: dict, command: str, data: Path) -> str:
@@ -134,8 +117,7 @@ def markdown(result: Result, machine: dict, command: str, data: Path) -> str:
     lines = [
         "### Ingest: KV precompute throughput and storage",
         "",
-        f"Machine: {machine['cores']} cores, {machine['torch threads']} torch threads, {machine['device']}; "
-        f"torch {machine['torch']}.",
+        f"Machine: {machine['machine']}.",
         f"Model {machine['model']}, embedder {machine['embedder']}, chunks of at most {machine['chunk tokens']} tokens; "
         f"corpus: the passages of the first {r.records} records of `{data.name}`.",
         "",
@@ -152,20 +134,6 @@ def markdown(result: Result, machine: dict, command: str, data: Path) -> str:
         f"Command: `{command}`",
     ]
     return "\n".join(lines)
-
-
-def write_docs(path: Path, section: str) -> None:
-    """Replace the text between the ingest markers (creating the file or the section if missing)."""
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(result, machine, command, args.data)
     print(section)
     if args.write_docs:
-        write_docs(args.docs_file, section)
+        replace_section("ingest", section, args.docs_file)
         print(f"\nupdated {args.docs_file}")
     return 0
 
