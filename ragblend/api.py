@@ -208,6 +208,12 @@ class RagBlend:
                 self.store.kv.put(txn, chunk_id, kv)
 
     def _prefill(self, layout: PromptLayout, mode: str, ratio: float, check_layer: int, depth: int) -> Prefill:
+        start = time.perf_counter()
+        prefill = self._run_engine(layout, mode, ratio, check_layer, depth)
+        prefill.timings["fuse_s"] = time.perf_counter() - start
+        return prefill
+
+    def _run_engine(self, layout: PromptLayout, mode: str, ratio: float, check_layer: int, depth: int) -> Prefill:
         if mode == "full":
             return self.engine.full_prefill(layout)
         stored_spans = 2 if mode == "prefix" else len(layout.spans)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ragblend.api import RagBlend
 from ragblend.metrics import best_em, best_f1, contains_answer, first_line, first_token_kl, keeps
 
-BLEND_TIMINGS = ("check_s", "partial_s", "load_s", "load_exposed_s", "prepare_s")
+BLEND_TIMINGS = ("fuse_s", "check_s", "partial_s", "load_s", "load_exposed_s", "prepare_s")
 
 
 @dataclass(frozen=True)

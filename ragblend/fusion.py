@@ -132,7 +132,5 @@ class FusionEngine:
     @torch.inference_mode()
     def full_prefill(self, layout: PromptLayout) -> Prefill:
         """Ordinary prefill of the whole prompt with the model's own forward: the reference."""
-        start = time.perf_counter()
         out = self.model.model(layout.ids_tensor(self.model.device)[None], use_cache=True, logits_to_keep=1)
-        return Prefill(out.logits[0, -1].float(), out.past_key_values, len(layout),
-                       {"partial_s": time.perf_counter() - start})
+        return Prefill(out.logits[0, -1].float(), out.past_key_values, len(layout))

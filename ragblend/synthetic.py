@@ -9,21 +9,27 @@ multi-hop data (MuSiQue) is mostly beyond it. Records have the MuSiQue shape plu
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w"]
 _VOWELS = ["a", "e", "i", "o", "u"]
 _CODAS = ["", "", "", "l", "n", "r", "s", "m"]
 _CITY_ENDINGS = ["mere", "ford", "holt", "wick", "dale", "port", "ton", "bury"]
+# Project words and given names are single tokens for SmolLM2, which keeps a spelled-out
+# two-hop answer ("The leader of ... is X. The city where X works is Y.") within 24 tokens.
 _PROJECTS = [
-    "Kestrel", "Juniper", "Basalt", "Lantern", "Marigold", "Cobalt", "Thistle", "Falcon",
-    "Quartz", "Willow", "Harbor", "Saffron", "Granite", "Heron", "Meadow", "Ember",
-    "Sparrow", "Cedar", "Onyx", "Bramble", "Pebble", "Otter", "Cinder", "Larch",
+    "Falcon", "Willow", "Harbor", "Cedar", "Comet", "Summit", "Maple", "Coral", "Pearl", "Copper", "Frost",
+    "Spark", "Arrow", "Hammer", "Tiger", "Hawk", "Raven", "Owl", "Lily", "Ivy", "Sage", "Mint", "Basil",
+    "Ginger", "Olive", "Cherry", "Lemon", "Canyon", "Glacier", "Ridge", "Crest", "Bloom",
+]
+_GIVEN = [
+    "Anna", "Tom", "Max", "Eva", "Sam", "Leo", "Ada", "Ben", "Ivan", "Nina", "Omar", "Rosa", "Hugo", "Iris",
+    "Otto", "Vera", "Paul", "Clara", "Felix", "Maya", "Noah", "Ruth", "Kurt",
 ]
 _TOPICS = ["river maps", "solar kites", "glass bridges", "quiet engines", "seed vaults", "paper batteries", "cloud gardens", "salt clocks"]
 _HOBBIES = ["painting boats", "growing herbs", "playing chess", "baking bread", "collecting stamps", "repairing radios", "hiking", "writing poems"]
 _JOBS = ["an engineer", "a chemist", "a designer", "a surveyor", "a planner", "a geologist"]
-_PASSAGES_PER_RECORD = 6
 
 
 @dataclass(frozen=True)
@@ -43,91 +49,109 @@ class _Project:
     year: int
 
 
+@dataclass(frozen=True)
+class _World:
+    """Two project -> leader -> city chains plus two unrelated cities; every item gets a passage."""
+
+    projects: list[_Project]
+    towns: list[str]
+
+    def passages(self) -> list[str]:
+        return (
+            [_project_text(pr) for pr in self.projects]
+            + [_person_text(pr.leader) for pr in self.projects]
+            + [_town_text(t) for t in self.towns]
+        )
+
+
 def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
 class _Names:
-    """Draws invented names, never repeating one within a record."""
+    """Draws invented names; no given name, surname, city ending or project repeats within a
+    record, because near-identical names are what a small model confuses most."""
 
     def __init__(self, rng: random.Random):
         self.rng, self.used = rng, set[str]()
 
-    def _unique(self, make) -> str:
+    def _unique(self, make: Callable[[], str]) -> str:
         while (name := make()) in self.used:
             pass
         self.used.add(name)
         return name
 
     def person(self) -> str:
-        return self._unique(lambda: f"{_word(self.rng, 2)} {_word(self.rng, 2)}")
+        given = self._unique(lambda: self.rng.choice(_GIVEN))
+        return f"{given} {self._unique(lambda: _word(self.rng, 2))}"
 
     def city(self) -> str:
-        return self._unique(lambda: _word(self.rng, 1) + self.rng.choice(_CITY_ENDINGS))
+        return _word(self.rng, 1) + self._unique(lambda: self.rng.choice(_CITY_ENDINGS))
 
     def project(self) -> str:
         return self._unique(lambda: self.rng.choice(_PROJECTS))
 
 
-def _new_person(rng: random.Random, names: _Names) -> _Person:
-    return _Person(names.person(), names.city(), rng.choice(_JOBS), rng.choice(_HOBBIES))
-
-
-def _new_project(rng: random.Random, names: _Names, leader: _Person) -> _Project:
-    return _Project(names.project(), leader, rng.choice(_TOPICS), rng.randint(4, 40), rng.randint(1990, 2022))
+def _world(rng: random.Random) -> _World:
+    names = _Names(rng)
+    people = [_Person(names.person(), names.city(), rng.choice(_JOBS), rng.choice(_HOBBIES)) for _ in range(2)]
+    projects = [
+        _Project(names.project(), p, rng.choice(_TOPICS), rng.randint(4, 40), rng.randint(1990, 2022)) for p in people
+    ]
+    return _World(projects, [names.city() for _ in range(2)])
 
 
 def _person_text(p: _Person) -> str:
     return (
-        f"{p.name} is {p.job}. {p.name} works in the city of {p.city}. "
-        f"The office is near the old market in {p.city}, and the walk there takes ten minutes each morning. "
-        f"In the evenings {p.name} enjoys {p.hobby}. Friends describe {p.name} as patient and careful, "
-        f"someone who rarely travels far from home."
+        f"{p.name} is {p.job}. The city where {p.name} works is {p.city}. "
+        f"The office of {p.name} is near the old market in {p.city}, and the walk there takes ten minutes. "
+        f"In the evenings {p.name} enjoys {p.hobby}. Friends describe {p.name} as patient and careful. "
+        f"{p.name} has worked in {p.city} for many years and rarely travels far from home."
     )
 
 
 def _project_text(pr: _Project) -> str:
+    lead = pr.leader.name
     return (
-        f"The {pr.name} project studies {pr.topic}. The leader of the {pr.name} project is {pr.leader.name}. "
+        f"The {pr.name} project studies {pr.topic}. The leader of the {pr.name} project is {lead}. "
         f"It started in {pr.year} and now has {pr.members} members. The team meets every Monday to test new "
-        f"prototypes, and its reports are shared with other groups each spring."
+        f"prototypes, and its reports are shared with other groups each spring. "
+        f"{lead} has led the {pr.name} project since it began."
+    )
+
+
+def _town_text(town: str) -> str:
+    return (
+        f"{town} is a quiet city in the hills. {town} has a stone bridge, a busy market and a large public "
+        f"library. Many families in {town} grow apples and pears, and the harvest fair in {town} draws "
+        f"visitors every autumn. The old clock tower of {town} was rebuilt after a storm, and trains to "
+        f"{town} run twice an hour."
     )
 
 
 def _one_hop(rng: random.Random) -> dict:
-    names = _Names(rng)
-    people = [_new_person(rng, names) for _ in range(_PASSAGES_PER_RECORD)]
-    projects = [_new_project(rng, names, people[i]) for i in range(_PASSAGES_PER_RECORD // 2)]
-    texts = [_project_text(pr) for pr in projects] + [_person_text(p) for p in people[len(projects):]]
+    world = _world(rng)
+    target = rng.choice(world.projects)
     if rng.random() < 0.5:
-        target = rng.choice(projects)
         question, answer = f"Who is the leader of the {target.name} project?", target.leader.name
     else:
-        target = rng.choice(people[len(projects):])
-        question, answer = f"In which city does {target.name} work?", target.city
+        question, answer = f"What is the city where {target.leader.name} works?", target.leader.city
+    texts = world.passages()
     rng.shuffle(texts)
     return _record(question, answer, texts, hops=1)
 
 
 def _two_hop(rng: random.Random) -> dict:
-    names = _Names(rng)
-    people = [_new_person(rng, names) for _ in range(4)]
-    leader, others = people[0], people[1:]
-    target = _new_project(rng, names, leader)
-    # Distractor projects are led by people who have no passage, so only the target chains.
-    decoys = [_new_project(rng, names, _new_person(rng, names)) for _ in range(2)]
-    texts = [_project_text(pr) for pr in decoys] + [_person_text(p) for p in others[:2]]
-    rng.shuffle(texts)
-    a, b = sorted(rng.sample(range(_PASSAGES_PER_RECORD), 2))
-    while b - a < 2:
-        a, b = sorted(rng.sample(range(_PASSAGES_PER_RECORD), 2))
-    facts = [_project_text(target), _person_text(leader)]
-    if rng.random() < 0.5:
-        facts.reverse()
-    texts.insert(a, facts[0])
-    texts.insert(b, facts[1])
-    question = f"In which city does the leader of the {target.name} project work?"
-    return _record(question, leader.city, texts, hops=2)
+    world = _world(rng)
+    target = world.projects[0]
+    texts = world.passages()
+    a, b = _project_text(target), _person_text(target.leader)
+    while True:  # keep the two facts apart, with at least one passage between them
+        rng.shuffle(texts)
+        if abs(texts.index(a) - texts.index(b)) >= 2:
+            break
+    question = f"First find the leader of the {target.name} project. Then give the city where that leader works."
+    return _record(question, target.leader.city, texts, hops=2)
 
 
 def _record(question: str, answer: str, texts: list[str], hops: int) -> dict:

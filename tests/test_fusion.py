@@ -185,7 +185,7 @@ def test_answer_reports_mode_timings_and_chunks(rb):
     answer = rb.query(QUESTION, contexts=PASSAGES, mode="blend", max_new_tokens=4)
     assert answer.mode == "blend"
     assert answer.ttft_s > 0 and answer.ttft_s == answer.timings["ttft_s"]
-    for key in ("retrieve_s", "load_s", "load_exposed_s", "check_s", "partial_s", "decode_s", "total_s"):
+    for key in ("retrieve_s", "load_s", "load_exposed_s", "fuse_s", "check_s", "partial_s", "decode_s", "total_s"):
         assert key in answer.timings
     assert len(answer.chunks) == 3 and answer.prompt_tokens > answer.recomputed_tokens > 0
 
