@@ -1,7 +1,6 @@
 """The public entry point: `RagBlend(store_dir, model=..., embedder=...)`."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel, load_model
 from ragblend.prompt import PromptTemplate
 from ragblend.store import Manifest, Store
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every model is local
 
 DEFAULT_CHUNK_TOKENS = 256
 MODES = ("blend", "reuse", "prefix", "full")
@@ -84,10 +81,7 @@ class RagBlend:
 
     def search(self, question: str, top_k: int = 4) -> list[SearchHit]:
         """The `top_k` chunks most similar to `question` (cosine), best first."""
-        if not question or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._validate_query(question, "blend", top_k, 0.0, 0)
         found = self.store.index.search(self.embedder.embed([question])[0], top_k)
         hits = []
         with self.store.env.begin() as txn:
