@@ -1,8 +1,8 @@
 """Load RAG evaluation records from a JSON array or JSONL file, validating each one.
 
 A record is `{"question": str, "answers": [str, ...], "ctxs": [{"title": str, "text": str}, ...]}`
-(the MuSiQue shape); each ctx is one passage and becomes one KV chunk. Errors name the
-file and the record so a bad line in a large file is easy to find.
+(the MuSiQue shape; `title` may be left out); each ctx is one passage and becomes one KV chunk.
+Errors name the file and the record so a bad line in a large file is easy to find.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ def load_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return _load_array(path, text)
-    return _load_jsonl(path, text)
+    records = _load_array(path, text) if text.lstrip().startswith("[") else _load_jsonl(path, text)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
 
 
 def _load_array(path: Path, text: str) -> list[dict]:
@@ -41,7 +42,7 @@ def _load_jsonl(path: Path, text: str) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON: {e}") from e
+            raise ValueError(f"{where}: invalid JSON (expected a JSON array or one record per line): {e}") from e
         _check(record, where)
         records.append(record)
     return records
@@ -61,5 +62,7 @@ def _check(record: object, where: str) -> None:
     if not isinstance(ctxs, list) or not ctxs:
         raise ValueError(f"{where}: 'ctxs' must be a non-empty list of passages")
     for j, ctx in enumerate(ctxs):
-        if not isinstance(ctx, dict) or not all(isinstance(ctx.get(k), str) for k in ("title", "text")):
-            raise ValueError(f"{where}: ctxs[{j}] must be an object with string 'title' and 'text'")
+        if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
+            raise ValueError(f"{where}: ctxs[{j}] must be an object with a string 'text'")
+        if not isinstance(ctx.get("title", ""), str):
+            raise ValueError(f"{where}: ctxs[{j}].title must be a string")

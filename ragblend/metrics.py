@@ -60,16 +60,17 @@ def contains_answer(prediction: str, golds: list[str]) -> bool:
     Matching is on whole words, so "Dun" does not count as found in "Dunmore".
     """
     answer = f" {normalize_answer(first_line(prediction))} "
-    return any(
-        (norm := normalize_answer(gold)) and f" {norm} " in answer for gold in golds
-    )
+    normalized = (normalize_answer(gold) for gold in golds)
+    return any(gold and f" {gold} " in answer for gold in normalized)
 
 
 def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """KL(P_ref || P) of the next-token distributions, in float64 so identical inputs give ~0."""
+    """KL(P_ref || P) of the next-token distributions, in float64 so identical inputs give ~0
+    (clamped at 0 against rounding). Tokens the reference rules out (-inf) contribute nothing."""
     ref = torch.log_softmax(reference_logits.double().flatten(), dim=-1)
     other = torch.log_softmax(logits.double().flatten(), dim=-1)
-    return max(float(torch.sum(ref.exp() * (ref - other))), 0.0)
+    terms = torch.where(ref.isneginf(), 0.0, ref.exp() * (ref - other))
+    return max(float(terms.sum()), 0.0)
 
 
 def keeps(reference_correct: list[bool], correct: list[bool]) -> float | None:

@@ -1,9 +1,13 @@
 """A seeded synthetic RAG dataset that a 135M-parameter model can answer.
 
-Every person, city and project is invented from syllable and word lists, so the model
-can only answer from the passages. Sentences are short and explicit, repeat the entity
-name, and questions reuse the passage's wording: SmolLM2-135M copes with that, while real
-multi-hop data (MuSiQue) is mostly beyond it. Records have the MuSiQue shape plus `hops`.
+Real multi-hop data (MuSiQue) is mostly beyond SmolLM2-135M, so quality comparisons between
+modes would compare noise. Here every record is a small invented world of six passages: two
+projects, the two people who lead them (each works in a city), and two unrelated cities.
+Single-hop questions ask a project's leader or a person's city; two-hop questions ask the
+city of a project's leader, which needs the project passage and the person passage (the
+second project -> leader -> city chain is the decoy). Names come from syllable and word
+lists, so the model can only answer from the passages; sentences are short, repeat the
+entity name and match the question's wording. Records have the MuSiQue shape plus `hops`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ _GIVEN = [
     "Anna", "Tom", "Max", "Eva", "Sam", "Leo", "Ada", "Ben", "Ivan", "Nina", "Omar", "Rosa", "Hugo", "Iris",
     "Otto", "Vera", "Paul", "Clara", "Felix", "Maya", "Noah", "Ruth", "Kurt",
 ]
-_TOPICS = ["river maps", "solar kites", "glass bridges", "quiet engines", "seed vaults", "paper batteries", "cloud gardens", "salt clocks"]
-_HOBBIES = ["painting boats", "growing herbs", "playing chess", "baking bread", "collecting stamps", "repairing radios", "hiking", "writing poems"]
+_TOPICS = [
+    "river maps", "solar kites", "glass bridges", "quiet engines", "seed vaults", "paper batteries",
+    "cloud gardens", "salt clocks",
+]
+_HOBBIES = [
+    "painting boats", "growing herbs", "playing chess", "baking bread", "collecting stamps",
+    "repairing radios", "hiking", "writing poems",
+]
+_LANDMARKS = ["a stone bridge", "a glass tower", "a round theatre", "a canal", "an old mill"]
+_CROPS = ["apples and pears", "plums", "barley", "grapes", "tulips"]
+_EVENTS = ["harvest fair", "boat race", "lantern festival", "music week", "cheese market"]
 _JOBS = ["an engineer", "a chemist", "a designer", "a surveyor", "a planner", "a geologist"]
 
 
@@ -54,14 +67,11 @@ class _World:
     """Two project -> leader -> city chains plus two unrelated cities; every item gets a passage."""
 
     projects: list[_Project]
-    towns: list[str]
+    town_passages: list[str]
 
     def passages(self) -> list[str]:
-        return (
-            [_project_text(pr) for pr in self.projects]
-            + [_person_text(pr.leader) for pr in self.projects]
-            + [_town_text(t) for t in self.towns]
-        )
+        leaders = [_person_text(pr.leader) for pr in self.projects]
+        return [_project_text(pr) for pr in self.projects] + leaders + self.town_passages
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -86,7 +96,8 @@ class _Names:
         return f"{given} {self._unique(lambda: _word(self.rng, 2))}"
 
     def city(self) -> str:
-        return _word(self.rng, 1) + self._unique(lambda: self.rng.choice(_CITY_ENDINGS))
+        ending = self._unique(lambda: self.rng.choice(_CITY_ENDINGS))
+        return self._unique(lambda: _word(self.rng, 1) + ending)
 
     def project(self) -> str:
         return self._unique(lambda: self.rng.choice(_PROJECTS))
@@ -94,11 +105,12 @@ class _Names:
 
 def _world(rng: random.Random) -> _World:
     names = _Names(rng)
-    people = [_Person(names.person(), names.city(), rng.choice(_JOBS), rng.choice(_HOBBIES)) for _ in range(2)]
-    projects = [
-        _Project(names.project(), p, rng.choice(_TOPICS), rng.randint(4, 40), rng.randint(1990, 2022)) for p in people
-    ]
-    return _World(projects, [names.city() for _ in range(2)])
+    projects = []
+    for _ in range(2):
+        leader = _Person(names.person(), names.city(), rng.choice(_JOBS), rng.choice(_HOBBIES))
+        topic, members, year = rng.choice(_TOPICS), rng.randint(4, 40), rng.randint(1990, 2022)
+        projects.append(_Project(names.project(), leader, topic, members, year))
+    return _World(projects, [_town_text(names.city(), rng) for _ in range(2)])
 
 
 def _person_text(p: _Person) -> str:
@@ -114,18 +126,19 @@ def _project_text(pr: _Project) -> str:
     lead = pr.leader.name
     return (
         f"The {pr.name} project studies {pr.topic}. The leader of the {pr.name} project is {lead}. "
-        f"It started in {pr.year} and now has {pr.members} members. The team meets every Monday to test new "
-        f"prototypes, and its reports are shared with other groups each spring. "
-        f"{lead} has led the {pr.name} project since it began."
+        f"It started in {pr.year} and now has {pr.members} members. The team meets every Monday to test "
+        f"new prototypes, and its reports are shared with other groups each spring. Visitors are welcome "
+        f"on open days. {lead} has led the {pr.name} project since it began."
     )
 
 
-def _town_text(town: str) -> str:
+def _town_text(town: str, rng: random.Random) -> str:
+    landmark, crop, event = rng.choice(_LANDMARKS), rng.choice(_CROPS), rng.choice(_EVENTS)
     return (
-        f"{town} is a quiet city in the hills. {town} has a stone bridge, a busy market and a large public "
-        f"library. Many families in {town} grow apples and pears, and the harvest fair in {town} draws "
-        f"visitors every autumn. The old clock tower of {town} was rebuilt after a storm, and trains to "
-        f"{town} run twice an hour."
+        f"{town} is a quiet city in the hills. {town} has {landmark}, a busy market and a large public "
+        f"library. Many families in {town} grow {crop}, and the {event} in {town} draws visitors every "
+        f"year. The old clock tower of {town} was rebuilt after a storm, and trains to {town} run twice "
+        f"an hour. The streets near the river are lined with old trees."
     )
 
 
@@ -150,12 +163,15 @@ def _two_hop(rng: random.Random) -> dict:
         rng.shuffle(texts)
         if abs(texts.index(a) - texts.index(b)) >= 2:
             break
+    # Asking for the bridge first makes the model write "The leader of ... is X. The city where X
+    # works is Y.": SmolLM2-135M answers two hops only when it spells out the middle entity.
     question = f"First find the leader of the {target.name} project. Then give the city where that leader works."
     return _record(question, target.leader.city, texts, hops=2)
 
 
 def _record(question: str, answer: str, texts: list[str], hops: int) -> dict:
-    return {"question": question, "answers": [answer], "ctxs": [{"title": "", "text": t} for t in texts], "hops": hops}
+    ctxs = [{"title": "", "text": t} for t in texts]
+    return {"question": question, "answers": [answer], "ctxs": ctxs, "hops": hops}
 
 
 def make_synthetic(n: int, seed: int = 0) -> list[dict]:

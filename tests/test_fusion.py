@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
-from ragblend import RagBlend
+from ragblend import RagBlend, fusion
 from ragblend.fusion import select_hkvd, value_deviation
 
 PASSAGES = [
@@ -68,6 +68,14 @@ def test_prefix_mode_reuses_only_prefix_and_first_chunk(rb):
     assert prepared.prefill.recomputed_tokens == len(prepared.layout) - prepared.layout.spans[1].end
     full = first_logits(rb, PASSAGES, "full")
     assert (prepared.prefill.logits - full).abs().max() < 1e-3  # the first chunk's stored KV is exact
+
+
+@pytest.mark.parametrize("mode", ["prefix", "blend"])
+def test_computing_rows_in_small_blocks_changes_nothing(rb, mode, monkeypatch):
+    """Long prompts are computed in row blocks; each block must still see every earlier row."""
+    whole = first_logits(rb, PASSAGES, mode, ratio=0.5)
+    monkeypatch.setattr(fusion, "ROW_BLOCK", 3)
+    assert (first_logits(rb, PASSAGES, mode, ratio=0.5) - whole).abs().max() < 1e-4
 
 
 def test_every_cached_key_carries_rope_of_its_prompt_position(rb):
