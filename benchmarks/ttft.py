@@ -17,10 +17,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docsection import machine, replace_section  # noqa: E402
+from docsection import DOCS, machine, replace_section  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS  # noqa: E402
+from ragblend.plots import ttft_vs_context  # noqa: E402
 from ragblend.speed import speed_sweep, speed_table  # noqa: E402
 from ragblend.synthetic import make_synthetic  # noqa: E402
 
@@ -61,7 +62,10 @@ def main() -> None:
     body = f"Machine: {machine()}. Command: `{command}`\n\n" + "\n\n".join(tables)
     print(body)
     if args.write_docs:
-        replace_section("ttft", body)
+        plot = DOCS.parent / "img" / "ttft_vs_context.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        ttft_vs_context(rows, plot)
+        replace_section("ttft", body + f"\n\n![TTFT against context length](img/{plot.name})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ragblend.documents import jsonl_items
+
 
 def load_records(path: str | Path) -> list[dict]:
     """Records from `path`: a JSON array of records, or one JSON record per line."""
@@ -35,14 +37,7 @@ def _load_array(path: Path, text: str) -> list[dict]:
 
 def _load_jsonl(path: Path, text: str) -> list[dict]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON (expected a JSON array or one record per line): {e}") from e
+    for where, record in jsonl_items(path, text):
         _check(record, where)
         records.append(record)
     return records

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -64,16 +64,21 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+def jsonl_items(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed object) for every non-blank line; a malformed line is a DocumentError."""
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            item = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DocumentError(f"{where}: malformed JSON ({exc.msg})") from None
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for where, item in jsonl_items(path, _read_text(path)):
         doc = coerce_document(item, where)
         doc.source = where
         docs.append(doc)

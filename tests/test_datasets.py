@@ -63,14 +63,14 @@ def test_malformed_record_in_json_array_names_file_index_and_field(tmp_path, bad
 def test_malformed_jsonl_record_names_the_line_number(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "answers": "Dunmore"}) + "\n")
-    with pytest.raises(ValueError, match=r"data\.jsonl: line 3: .*answers"):
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: .*answers"):
         load_records(path)
 
 
 def test_invalid_json_line_names_the_line_number(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"line 2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"data.jsonl:2: malformed JSON"):
         load_records(path)
 
 
