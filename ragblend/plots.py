@@ -30,7 +30,7 @@ def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:
 def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
     blends = sorted((float(s.label.split("@")[1]), s) for s in summaries if s.label.startswith("blend@"))
     refs = {s.label: s for s in summaries if s.label in ("full", "reuse")}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     ratios = [r for r, _ in blends]
     left.plot(ratios, [s.f1 for _, s in blends], "o-", label="blend F1")
     left.plot(ratios, [s.identical for _, s in blends], "^-", label="blend identical to full")
@@ -39,9 +39,15 @@ def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
         if name in refs:
             left.axhline(refs[name].f1, linestyle=style, color="gray", label=f"{name} F1")
             right.axhline(refs[name].ttft_s, linestyle=style, color="gray", label=name)
+    kl = left.twinx()  # answers of a small model flip easily; the KL shows the trend they hide
+    kl.plot(ratios, [s.kl for _, s in blends], "s-", color="tab:red", label="blend KL vs full")
+    if "reuse" in refs:
+        kl.axhline(refs["reuse"].kl, linestyle=":", color="tab:red", label="reuse KL vs full")
+    kl.set(ylabel="first-token KL vs full")
     left.set(xlabel="recompute ratio", ylabel="score", title="Quality")
     right.set(xlabel="recompute ratio", ylabel="median TTFT (s)", title="Speed")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="center left")
+    kl.legend(fontsize=7, loc="center right")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
