@@ -32,8 +32,11 @@ def main() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.out / plot, target)
             images.append(f"![{args.name} {plot[:-4].replace('_', ' ')}](img/{target.name})")
-    body = (f"Machine: {machine()}. Command: `{args.command}`\n\n{summary.read_text().strip()}\n\n"
-            + " ".join(images))
+    tables = [summary.read_text().strip()]
+    for hop_summary in sorted(args.out.glob("summary-*hop.md")):
+        hops = hop_summary.stem.removeprefix("summary-").removesuffix("hop")
+        tables.append(f"Only the {hops}-hop questions:\n\n{hop_summary.read_text().strip()}")
+    body = f"Machine: {machine()}. Command: `{args.command}`\n\n" + "\n\n".join(tables) + "\n\n" + " ".join(images)
     replace_section(f"quality-{args.name}", body)
 
 

@@ -68,7 +68,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from ragblend.api import RagBlend
     from ragblend.datasets import load_records
-    from ragblend.evaluate import EvalConfig, run_eval, summarize, summary_table, write_summary
+    from ragblend.evaluate import EvalConfig, run_eval, summarize, summary_table, write_hop_summaries, write_summary
     from ragblend.plots import quality_vs_ttft, ratio_sweep, ttft_vs_context
     from ragblend.speed import speed_sweep, speed_table
     from ragblend.synthetic import make_synthetic
@@ -94,6 +94,8 @@ def _eval(args: argparse.Namespace) -> None:
     if any(s.label.startswith("blend@") for s in summaries):
         ratio_sweep(summaries, out / "ratio_sweep.png")
     print(summary_table(summaries))
+    for path in write_hop_summaries(rows, out):
+        print(f"\n{path.stem}:\n{path.read_text()}")
     if args.speed_sizes:
         speed = speed_sweep(rb, records, _ints(args.speed_sizes), repeats=args.speed_repeats)
         (out / "speed.json").write_text(json.dumps([asdict(r) for r in speed], indent=1))

@@ -139,3 +139,14 @@ def summary_table(summaries: list[ModeSummary]) -> str:
 def write_summary(summaries: list[ModeSummary], out: Path) -> None:
     (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
     (out / "summary.md").write_text(summary_table(summaries) + "\n")
+
+
+def write_hop_summaries(rows: list[dict], out: Path) -> list[Path]:
+    """summary-Nhop.md per hop count, for datasets that label questions with `hops` (the synthetic
+    set): cross-passage questions are where reuse should fail and blend should hold."""
+    paths = []
+    for hops in sorted({r["hops"] for r in rows if r.get("hops")}):
+        path = out / f"summary-{hops}hop.md"
+        path.write_text(summary_table(summarize([r for r in rows if r.get("hops") == hops])) + "\n")
+        paths.append(path)
+    return paths

@@ -8,7 +8,8 @@ import pytest
 from ragblend.cli import main
 
 OUTPUTS = ["results.json", "results.jsonl", "summary.md", "summary.json", "quality_vs_ttft.png", "ratio_sweep.png",
-           "speed.md", "speed.json", "ttft_vs_context.png", "synthetic.jsonl"]
+           "speed.md", "speed.json", "ttft_vs_context.png", "synthetic.jsonl",
+           "summary-1hop.md", "summary-2hop.md"]  # the synthetic set's one- and two-hop questions apart
 
 
 @pytest.fixture(scope="module")
