@@ -81,7 +81,7 @@ class RagBlend:
 
     def search(self, question: str, top_k: int = 4) -> list[SearchHit]:
         """The `top_k` chunks most similar to `question` (cosine), best first."""
-        self._validate_query(question, "blend", top_k, 0.0, 0)
+        self._validate_question(question, top_k)
         found = self.store.index.search(self.embedder.embed([question])[0], top_k)
         hits = []
         with self.store.env.begin() as txn:
@@ -150,13 +150,17 @@ class RagBlend:
         return PreparedPrompt(layout, prefill, chunks, timings)
 
     @staticmethod
-    def _validate_query(question, mode, top_k, ratio, check_layer) -> None:
+    def _validate_question(question, top_k) -> None:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+    @classmethod
+    def _validate_query(cls, question, mode, top_k, ratio, check_layer) -> None:
+        cls._validate_question(question, top_k)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio}")
         if check_layer < 0:
