@@ -55,12 +55,13 @@ class Result:
 def load_passages(path: Path, records: int):
     """One document per distinct passage of the first `records` records, in order."""
     from ragblend.documents import Document, text_id
+    from ragblend.evaluate import passage_text
 
     data = json.loads(path.read_text())
     docs, seen = [], set()
     for record in data[:records]:
         for ctx in record["ctxs"]:
-            text = (ctx.get("title", "") + "\n\n" + ctx["text"]).strip() if ctx.get("title") else ctx["text"].strip()
+            text = passage_text(ctx)
             if text and text not in seen:
                 seen.add(text)
                 docs.append(Document(id=text_id(text), text=text))
