@@ -43,7 +43,8 @@ def passage_text(ctx: dict) -> str:
 
 
 def record_key(index: int, record: dict, config: EvalConfig) -> str:
-    payload = json.dumps([index, record["question"], config.passages, config.max_new_tokens])
+    """Identifies a finished question for resuming: another mode list or ratio list is another run."""
+    payload = json.dumps([index, record["question"], config.passages, config.max_new_tokens, config.labels()])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

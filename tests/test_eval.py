@@ -46,6 +46,14 @@ def test_rerun_with_the_same_out_skips_finished_questions(eval_run, capsys):
     assert (out / "results.jsonl").read_text() == before
 
 
+def test_rerun_with_other_ratios_scores_them_instead_of_reusing_old_rows(eval_run):
+    out, argv = eval_run
+    ratios = argv.index("--ratios") + 1
+    main([*argv[:ratios], "0.3", *argv[ratios + 1:]])
+    labels = {r["label"] for r in json.loads((out / "results.json").read_text())}
+    assert labels == {"full", "prefix", "reuse", "blend@0.3"}
+
+
 def test_malformed_dataset_record_is_reported_with_its_index(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answers": ["a"], "ctxs": [{"title": "t", "text": "x"}]}) + "\n"
