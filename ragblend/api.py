@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -11,13 +11,14 @@ from kvchunks.chunking import validate_chunk_tokens
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.documents import Document, coerce_document
-from ragblend.fusion import BlendConfig, FusionEngine, Prefill
+from ragblend.fusion import FusionEngine, Prefill
 from ragblend.generate import SamplingConfig, decode
 from ragblend.ingest import Ingestor, IngestReport
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel, load_model
 from ragblend.prompt import PromptTemplate
+from ragblend.selection import BlendConfig
 from ragblend.store import Manifest, Store
 
 DEFAULT_CHUNK_TOKENS = 256
@@ -48,7 +49,10 @@ class RagBlend:
 
     def __init__(self, store_dir: str | Path, model: str | Path | LoadedModel | None = None,
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
-                 index_kind: str | None = None, device: str | None = None):
+                 index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None):
+        """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
+        `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it."""
+        self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
@@ -100,19 +104,21 @@ class RagBlend:
     # ---- the online path ------------------------------------------------------------------------
 
     def query(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
-              recompute_ratio: float = 0.15, max_new_tokens: int = 64, temperature: float = 0.0,
-              stop: list[str] | None = None, stream: bool = False, check_layer: int = 1, load_depth: int = 2,
-              seed: int | None = None) -> Answer | AnswerStream:
+              recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+              stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
+              blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None) -> Answer | AnswerStream:
         """Retrieve (or take `contexts`), fuse the chunks' stored KV as `mode` says, and generate.
 
         Modes, all over the same prompt tokens: `full` prefills everything; `prefix` reuses the prefix
         and first chunk; `reuse` concatenates all stored KV and prefills only the question; `blend`
-        (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most.
+        (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most
+        (a float, or "auto" to pick it per query; `ans.timings["recompute_ratio"]` says which was used).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
-                                check_layer=check_layer, load_depth=load_depth, reserve_tokens=max_new_tokens)
+                                check_layer=check_layer, blend=blend, load_depth=load_depth,
+                                reserve_tokens=max_new_tokens)
         layout, prefill, chunks, timings = prepared.layout, prepared.prefill, prepared.chunks, prepared.timings
         first_token = time.perf_counter()
         sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
@@ -130,10 +136,11 @@ class RagBlend:
         return answer_stream if stream else answer_stream.collect()
 
     def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
-                recompute_ratio: float = 0.15, check_layer: int = 1, load_depth: int = 2,
-                reserve_tokens: int = 0) -> "PreparedPrompt":
+                recompute_ratio: float | str | None = None, check_layer: int | None = None,
+                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0) -> "PreparedPrompt":
         """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
-        self._validate_query(question, mode, top_k, recompute_ratio, check_layer)
+        self._validate_query(question, mode, top_k)
+        config = self._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
         chunks = self._contexts(question, contexts, top_k)
         retrieved = time.perf_counter()
@@ -144,7 +151,7 @@ class RagBlend:
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
         self._ensure_kv(chunks)
         prepared = time.perf_counter()
-        prefill = self._prefill(layout, mode, recompute_ratio, check_layer, load_depth)
+        prefill = self._prefill(layout, mode, config, load_depth)
         timings = {"retrieve_s": retrieved - start, "prepare_s": prepared - retrieved, **prefill.timings,
                    "ttft_s": time.perf_counter() - retrieved}
         return PreparedPrompt(layout, prefill, chunks, timings)
@@ -157,14 +164,19 @@ class RagBlend:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
 
     @classmethod
-    def _validate_query(cls, question, mode, top_k, ratio, check_layer) -> None:
+    def _validate_query(cls, question, mode, top_k) -> None:
         cls._validate_question(question, top_k)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1], got {ratio}")
-        if check_layer < 0:
-            raise ValueError(f"check_layer must be >= 0, got {check_layer}")
+
+    def _blend_config(self, blend: BlendConfig | None, ratio: float | str | None, check_layer: int | None) -> BlendConfig:
+        """The query's blend settings (validated by BlendConfig); the check layer is at most the last layer."""
+        config = blend or self.blend
+        if ratio is not None:
+            config = replace(config, recompute_ratio=ratio)
+        if check_layer is not None:
+            config = replace(config, check_layer=check_layer)
+        return replace(config, check_layer=min(config.check_layer, self.model.num_layers - 1))
 
     def _contexts(self, question: str, contexts: list | None, top_k: int) -> list[ContextChunk]:
         if contexts is None:
@@ -205,23 +217,22 @@ class RagBlend:
             for chunk_id, kv in zip(missing, kvs):
                 self.store.kv.put(txn, chunk_id, kv)
 
-    def _prefill(self, layout: PromptLayout, mode: str, ratio: float, check_layer: int, depth: int) -> Prefill:
+    def _prefill(self, layout: PromptLayout, mode: str, blend: BlendConfig, depth: int) -> Prefill:
         start = time.perf_counter()
-        prefill = self._run_engine(layout, mode, ratio, check_layer, depth)
+        prefill = self._run_engine(layout, mode, blend, depth)
         prefill.timings["fuse_s"] = time.perf_counter() - start
         return prefill
 
-    def _run_engine(self, layout: PromptLayout, mode: str, ratio: float, check_layer: int, depth: int) -> Prefill:
+    def _run_engine(self, layout: PromptLayout, mode: str, blend: BlendConfig, depth: int) -> Prefill:
         if mode == "full":
             return self.engine.full_prefill(layout)
         stored_spans = 2 if mode == "prefix" else len(layout.spans)
         first_computed = layout.spans[stored_spans - 1].end
-        blend = BlendConfig(ratio, min(check_layer, self.model.num_layers - 1)) if mode == "blend" else None
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.kv, layout, self.ingestor.prefix_kv, cos, sin, self.model.num_layers,
                              self.model.dtype, self.model.device, depth, stored_spans)
         try:
-            prefill = self.engine.prefill(layout, loader, first_computed, cos, sin, blend)
+            prefill = self.engine.prefill(layout, loader, first_computed, cos, sin, blend if mode == "blend" else None)
         finally:
             loader.close()
         prefill.timings.update(load_s=loader.stats.busy_s, load_exposed_s=loader.stats.exposed_s)

@@ -3,8 +3,8 @@
 Each layer computes only some rows of the prompt (`rows`, sorted prompt positions). Their fresh K/V
 are scattered into that layer's full cache, whose other rows hold stored KV, and they attend over
 the whole cache with a mask that is causal on original positions. CacheBlend (`blend`) computes
-every row up to the check layer, then keeps the chunk tokens whose values deviate most from the
-stored ones (HKVD) plus the question suffix.
+every row up to the check layer, then keeps the chunk tokens that score highest on the configured
+signal (ragblend.selection; HKVD by default) plus the question suffix.
 
 Computed rows go through each layer in blocks of `ROW_BLOCK`: a block attends only to keys up to
 its last position. SDPA's CPU kernel skips no masked-out keys, so one masked call over the whole
@@ -19,18 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvchunks.rope import rotary_cos_sin
+from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel
+from ragblend.selection import AUTO, BlendConfig, auto_share, question_attention, select_top, deviation
 
 ROW_BLOCK = 512  # computed rows per attention call
-
-
-@dataclass(frozen=True)
-class BlendConfig:
-    recompute_ratio: float = 0.15
-    check_layer: int = 1  # layers before it are computed for every token; selection happens on it
 
 
 @dataclass
@@ -65,20 +60,6 @@ def causal_rows_mask(rows: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=rows.device)[None, :] <= rows[:, None])[None, None]
 
 
-def value_deviation(fresh: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Per-token L2 distance between fresh and stored values over heads and dims ([1, h, n, d] -> [n])."""
-    return (fresh - stored).float().pow(2).sum(dim=(0, 1, 3)).sqrt()
-
-
-def select_hkvd(deviation: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The `ratio` share of candidate positions with the highest deviation (rounded up), sorted."""
-    count = min(len(candidates), math.ceil(ratio * len(candidates) - 1e-9))
-    if count == 0:
-        return candidates[:0]
-    top = torch.topk(deviation[candidates], count).indices
-    return candidates[top].sort().values
-
-
 class FusionEngine:
     def __init__(self, model: LoadedModel):
         self.model = model
@@ -109,7 +90,8 @@ class FusionEngine:
     @torch.inference_mode()
     def prefill(self, layout: PromptLayout, loader: LayerLoader, first_computed: int, cos: torch.Tensor,
                 sin: torch.Tensor, blend: BlendConfig | None = None) -> Prefill:
-        """Stored KV for positions < `first_computed` (from `loader`), fresh for the rest; `blend` adds HKVD."""
+        """Stored KV for positions < `first_computed` (from `loader`), fresh for the rest; `blend` selects
+        which chunk tokens stay computed after its check layer (and, if gradual, the layer after)."""
         length = len(layout)
         device = self.model.device
         ids = layout.ids_tensor(device)
@@ -117,31 +99,93 @@ class FusionEngine:
         hidden = self.decoder.embed_tokens(ids[rows])[None]
         cache = RowScatterCache(self.model.num_layers)
         timings = {"check_s": 0.0, "partial_s": 0.0}
-        last_full = blend.check_layer if blend else -1
+        check = blend.check_layer if blend else -1
+        share = None
         for index in range(self.model.num_layers):
             start = time.perf_counter()
             cache.layers[index] = loader.get(index)
-            if index == last_full:
-                rows, hidden = self._select(index, hidden, cache, layout, blend.recompute_ratio)
+            if index == check:
+                share = self._check_share(index, hidden, rows, cache, layout, cos, sin, blend)
+                rows, hidden = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, min(1.0, share * blend.gradual))
+            elif blend is not None and index == check + 1 and blend.gradual > 1:
+                rows, hidden = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, share)
             hidden = self._layer(index, hidden, rows, length, cache, cos, sin)
-            timings["check_s" if index <= last_full else "partial_s"] += time.perf_counter() - start
-        recomputed = len(rows)
-        return Prefill(self._logits(hidden), cache.to_dynamic(), recomputed, timings)
+            timings["check_s" if index <= check else "partial_s"] += time.perf_counter() - start
+        if share is not None:
+            timings["recompute_ratio"] = share
+        return Prefill(self._logits(hidden), cache.to_dynamic(), len(rows), timings)
 
-    def _select(self, index: int, hidden: torch.Tensor, cache: RowScatterCache, layout: PromptLayout,
-                ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """HKVD on the check layer: fresh values for every token vs stored ones; keep the top deviators."""
-        layer = self.decoder.layers[index]
-        projected = layer.self_attn.v_proj(layer.input_layernorm(hidden))
-        fresh = projected.view(1, len(layout), -1, self.model.head_dim).transpose(1, 2)
-        stored = cache.layers[index][1]
-        stored_end = layout.suffix_start
-        deviation = value_deviation(fresh[:, :, :stored_end], stored[:, :, :stored_end])
-        candidates = torch.arange(layout.prefix_len, stored_end, device=hidden.device)
-        chosen = select_hkvd(deviation, candidates, ratio)
-        suffix = torch.arange(stored_end, len(layout), device=hidden.device)
-        rows = torch.cat([chosen, suffix])
-        return rows, hidden[:, rows]
+    def _check_share(self, index, hidden, rows, cache, layout, cos, sin, blend: BlendConfig) -> float:
+        if blend.recompute_ratio != AUTO:
+            return float(blend.recompute_ratio)
+        scores = self._scores(index, hidden, rows, cache, layout, cos, sin, blend)
+        return auto_share(scores[self._chunk_rows(rows, layout)], blend)
+
+    @staticmethod
+    def _chunk_rows(rows: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
+        """Mask over `rows`: which are chunk tokens (candidates for selection)."""
+        return (rows >= layout.prefix_len) & (rows < layout.suffix_start)
+
+    def _narrow(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
+                layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig,
+                share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the question suffix and the top-scoring `share` of chunk tokens among `rows`."""
+        scores = self._scores(index, hidden, rows, cache, layout, cos, sin, blend)
+        candidates = self._chunk_rows(rows, layout)
+        positions = rows[candidates]
+        scores = scores[candidates].masked_fill(self._chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
+        groups, sizes = self._budget_groups(positions, layout, blend.budget)
+        chosen = select_top(scores, positions, groups, sizes, share)
+        kept = torch.cat([chosen, rows[rows >= layout.suffix_start]])
+        return kept, hidden[:, torch.searchsorted(rows, kept)]
+
+    @staticmethod
+    def _chunk_starts(positions: torch.Tensor, layout: PromptLayout, count: int) -> torch.Tensor:
+        """Mask: the first `count` tokens of every chunk after the first (forced into the selection)."""
+        forced = torch.zeros_like(positions, dtype=torch.bool)
+        for span in layout.chunk_spans[1:]:
+            forced |= (positions >= span.start) & (positions < span.start + count)
+        return forced
+
+    @staticmethod
+    def _budget_groups(positions: torch.Tensor, layout: PromptLayout, budget: str) -> tuple[torch.Tensor, dict[int, int]]:
+        """A group id per position and each group's full size: one group, or one per chunk."""
+        if budget == "global":
+            return torch.zeros_like(positions), {0: layout.suffix_start - layout.prefix_len}
+        starts = torch.tensor([s.start for s in layout.chunk_spans], device=positions.device)
+        groups = torch.searchsorted(starts, positions, right=True) - 1
+        return groups, {i: s.length for i, s in enumerate(layout.chunk_spans)}
+
+    def _scores(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
+                layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig) -> torch.Tensor:
+        """The selection signal for every row in `rows`, from layer `index`'s input `hidden`."""
+        if blend.signal == "random":
+            return torch.rand(len(rows), generator=torch.Generator().manual_seed(blend.seed)).to(rows.device)
+        attention = self.decoder.layers[index].self_attn
+        normed = self.decoder.layers[index].input_layernorm(hidden)
+        stored_keys, stored_values = (t[:, :, rows] for t in cache.layers[index])
+        values = deviation(self._heads(attention.v_proj(normed)), stored_values)
+        if blend.signal == "value":
+            return values
+        keys = apply_rope(self._heads(attention.k_proj(normed), getattr(attention, "k_norm", None)),
+                          cos[:, rows], sin[:, rows])
+        if blend.signal in ("key", "kv"):
+            key_dev = deviation(keys, stored_keys)
+            if blend.signal == "key":
+                return key_dev
+            return key_dev / key_dev.mean().clamp_min(1e-12) + values / values.mean().clamp_min(1e-12)
+        question = rows >= layout.suffix_start
+        queries = apply_rope(self._heads(attention.q_proj(normed[:, question]), getattr(attention, "q_norm", None)),
+                             cos[:, rows[question]], sin[:, rows[question]])
+        all_keys = cache.layers[index][0].clone()
+        all_keys[:, :, rows] = keys
+        paid = question_attention(queries, all_keys, rows[question])[rows]
+        return paid if blend.signal == "attention" else paid * values
+
+    def _heads(self, projected: torch.Tensor, norm: torch.nn.Module | None = None) -> torch.Tensor:
+        """[1, n, heads*head_dim] -> [1, heads, n, head_dim], with the per-head norm some families apply."""
+        split = projected.view(1, projected.shape[1], -1, self.model.head_dim)
+        return (norm(split) if norm is not None else split).transpose(1, 2)
 
     @torch.inference_mode()
     def full_prefill(self, layout: PromptLayout) -> Prefill:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend import RagBlend, fusion
-from ragblend.fusion import select_hkvd, value_deviation
+from ragblend.selection import BlendConfig, auto_share, deviation, select_top
 
 PASSAGES = [
     "The lighthouse of Varn was built in 1821 by the engineer Oda Pell. It stands on a granite cliff.",
@@ -99,12 +100,13 @@ def test_hkvd_picks_exactly_the_tokens_with_the_largest_value_deviation():
     fresh = stored.clone()
     for position, size in {3: 5.0, 7: 9.0, 8: 1.0, 1: 0.5}.items():
         fresh[0, :, position] = size
-    deviation = value_deviation(fresh, stored)
-    assert deviation.argsort(descending=True)[:3].tolist() == [7, 3, 8]
+    scores = deviation(fresh, stored)
+    assert scores.argsort(descending=True)[:3].tolist() == [7, 3, 8]
     candidates = torch.arange(2, 10)  # positions 0-1 are the prefix, never candidates
-    assert select_hkvd(deviation, candidates, 0.25).tolist() == [3, 7]
-    assert select_hkvd(deviation, candidates, 0.0).tolist() == []
-    assert select_hkvd(deviation, candidates, 1.0).tolist() == list(range(2, 10))
+    one_group, sizes = torch.zeros(8, dtype=torch.long), {0: 8}
+    assert select_top(scores[candidates], candidates, one_group, sizes, 0.25).tolist() == [3, 7]
+    assert select_top(scores[candidates], candidates, one_group, sizes, 0.0).tolist() == []
+    assert select_top(scores[candidates], candidates, one_group, sizes, 1.0).tolist() == list(range(2, 10))
 
 
 def test_blend_recomputes_the_ratio_of_chunk_tokens_plus_every_suffix_token(rb):
@@ -222,3 +224,107 @@ def test_context_longer_than_the_window_is_rejected(rb):
     long_passages = ["word " * 200] * (rb.model.max_positions // 150)
     with pytest.raises(ValueError, match="window"):
         rb.query(QUESTION, contexts=long_passages, max_new_tokens=4)
+
+
+# ---- token selection options (BlendConfig) -----------------------------------------------------
+
+SELECTION_VARIANTS = {
+    "key": BlendConfig(signal="key"),
+    "kv": BlendConfig(signal="kv"),
+    "attention": BlendConfig(signal="attention"),
+    "value_attention": BlendConfig(signal="value_attention"),
+    "random": BlendConfig(signal="random"),
+    "per_chunk": BlendConfig(budget="per_chunk"),
+    "chunk_starts": BlendConfig(chunk_start_tokens=4),
+    "gradual": BlendConfig(gradual=2.0),
+    "check_layer_2": BlendConfig(check_layer=2),
+}
+
+
+@pytest.mark.parametrize("name", SELECTION_VARIANTS)
+def test_every_selection_variant_is_exact_at_full_ratio(rb, name):
+    full = first_logits(rb, PASSAGES, "full")
+    config = replace(SELECTION_VARIANTS[name], recompute_ratio=1.0)
+    blend = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", blend=config).prefill.logits
+    assert (blend - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", SELECTION_VARIANTS)
+def test_every_selection_variant_recomputes_its_budget(rb, name):
+    config = replace(SELECTION_VARIANTS[name], recompute_ratio=0.3)
+    prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", blend=config)
+    layout = prepared.layout
+    suffix = len(layout) - layout.suffix_start
+    if config.budget == "per_chunk":
+        expected = sum(math.ceil(0.3 * s.length - 1e-9) for s in layout.chunk_spans)
+    else:
+        expected = math.ceil(0.3 * (layout.suffix_start - layout.prefix_len) - 1e-9)
+    assert prepared.prefill.recomputed_tokens == expected + suffix
+    assert prepared.prefill.timings["recompute_ratio"] == 0.3
+
+
+def recomputed_positions(rb, config: BlendConfig) -> tuple[set[int], object]:
+    """Chunk positions whose final-layer KV differs from the stored KV (i.e. were recomputed)."""
+    prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", blend=config)
+    reuse = rb.prefill(QUESTION, contexts=PASSAGES, mode="reuse").prefill.cache
+    layout = prepared.layout
+    fused = prepared.prefill.cache.layers[-1].values[0]
+    stored = reuse.layers[-1].values[0]
+    changed = (fused - stored).abs().amax(dim=(0, 2)) > 0
+    return {p for p in range(layout.prefix_len, layout.suffix_start) if changed[p]}, layout
+
+
+def test_chunk_start_tokens_are_always_recomputed(rb):
+    chosen, layout = recomputed_positions(rb, BlendConfig(recompute_ratio=0.2, chunk_start_tokens=3))
+    for span in layout.chunk_spans[1:]:
+        assert set(range(span.start, span.start + 3)) <= chosen
+
+
+def test_per_chunk_budget_gives_every_chunk_its_share(rb):
+    chosen, layout = recomputed_positions(rb, BlendConfig(recompute_ratio=0.3, budget="per_chunk"))
+    for span in layout.chunk_spans:
+        inside = [p for p in chosen if span.start <= p < span.end]
+        assert len(inside) == math.ceil(0.3 * span.length - 1e-9)
+
+
+def test_random_control_picks_other_tokens_than_the_deviation_signal(rb):
+    by_value, _ = recomputed_positions(rb, BlendConfig(recompute_ratio=0.2))
+    by_chance, _ = recomputed_positions(rb, BlendConfig(recompute_ratio=0.2, signal="random"))
+    assert by_value != by_chance
+
+
+def test_auto_ratio_stays_within_its_bounds_and_is_reported(rb):
+    for target, bound in ((1e-6, 0.1), (1.0, 0.4)):
+        config = BlendConfig(recompute_ratio="auto", auto_target=target, auto_min=0.1, auto_max=0.4)
+        prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", blend=config)
+        assert prepared.prefill.timings["recompute_ratio"] == pytest.approx(bound, abs=0.02)
+    answer = rb.query(QUESTION, contexts=PASSAGES, recompute_ratio="auto", max_new_tokens=2)
+    assert 0.0 < answer.timings["recompute_ratio"] <= BlendConfig().auto_max
+
+
+def test_auto_share_covers_the_target_share_of_the_scores():
+    scores = torch.tensor([8.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    config = BlendConfig(recompute_ratio="auto", auto_target=0.8, auto_min=0.0, auto_max=1.0)
+    assert auto_share(scores, config) == pytest.approx(0.1)  # the 8 alone holds 80%
+    assert auto_share(scores, replace(config, auto_target=0.9)) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(recompute_ratio=1.5), "recompute_ratio"),
+    (dict(recompute_ratio="most"), "recompute_ratio"),
+    (dict(signal="vibes"), "signal"),
+    (dict(budget="half"), "budget"),
+    (dict(gradual=0.5), "gradual"),
+    (dict(recompute_ratio="auto", signal="random"), "auto"),
+    (dict(check_layer=-1), "check_layer"),
+])
+def test_bad_blend_settings_get_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BlendConfig(**kwargs)
+
+
+def test_instance_default_blend_config_applies_and_per_query_ratio_overrides_it(tiny_model, embedder, tmp_path):
+    rb = RagBlend(tmp_path, model=tiny_model, embedder=embedder, blend=BlendConfig(recompute_ratio=0.5))
+    default = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend").prefill.timings["recompute_ratio"]
+    override = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", recompute_ratio=0.1).prefill.timings
+    assert default == 0.5 and override["recompute_ratio"] == 0.1
