@@ -53,8 +53,13 @@ def _query(args: argparse.Namespace) -> None:
     print("   " + "  ".join(f"{k}={v * 1000:.0f}ms" for k, v in answer.timings.items()))
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+def _ratio(text: str) -> float | str:
+    """A recompute ratio: a number, or "auto" (chosen per query)."""
+    return "auto" if text.strip() == "auto" else float(text)
+
+
+def _ratios(text: str) -> tuple[float | str, ...]:
+    return tuple(_ratio(x) for x in text.split(",") if x.strip())
 
 
 def _ints(text: str) -> list[int]:
@@ -83,7 +88,7 @@ def _eval(args: argparse.Namespace) -> None:
         records = make_synthetic(args.synthetic, seed=args.seed)
         (out / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     records = records[: args.limit] if args.limit else records
-    config = EvalConfig(modes=tuple(args.modes.split(",")), ratios=_floats(args.ratios), passages=args.passages,
+    config = EvalConfig(modes=tuple(args.modes.split(",")), ratios=_ratios(args.ratios), passages=args.passages,
                         max_new_tokens=args.max_new_tokens)
     rb = RagBlend(args.store or out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS)
     rows = run_eval(rb, records, config, out)
@@ -128,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
     query.add_argument("--mode", choices=["blend", "reuse", "prefix", "full"], default="blend")
     query.add_argument("--top-k", type=int, default=4)
-    query.add_argument("--ratio", type=float, default=0.15, help="blend: share of chunk tokens to recompute")
+    query.add_argument("--ratio", type=_ratio, default=None,
+                       help="blend: share of chunk tokens to recompute, or auto (default 0.15)")
     query.add_argument("--max-new-tokens", type=int, default=64)
     query.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     query.set_defaults(run=_query)
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic one- and two-hop questions")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     evaluate.add_argument("--modes", default="full,prefix,reuse,blend")
-    evaluate.add_argument("--ratios", default="0.05,0.15,0.3,0.5", help="blend recompute ratios")
+    evaluate.add_argument("--ratios", default="0.05,0.15,0.3,0.5", help="blend recompute ratios (auto allowed)")
     evaluate.add_argument("--limit", type=int, help="first N questions only")
     evaluate.add_argument("--passages", type=int, help="first K passages of each question only")
     evaluate.add_argument("--max-new-tokens", type=int, default=32)

@@ -8,32 +8,43 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ragblend.api import RagBlend
+from ragblend.selection import BlendConfig
 from ragblend.metrics import best_em, best_f1, contains_answer, first_line, first_token_kl, keeps
 
 BLEND_TIMINGS = ("fuse_s", "check_s", "partial_s", "load_s", "load_exposed_s", "prepare_s")
 
 
 @dataclass(frozen=True)
+class EvalRun:
+    label: str
+    mode: str
+    blend: BlendConfig | None = None
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     modes: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
-    ratios: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)
+    ratios: tuple[float | str, ...] = (0.05, 0.15, 0.3, 0.5)
     passages: int | None = None
     max_new_tokens: int = 32
+    variants: tuple[tuple[str, BlendConfig], ...] = (("blend", BlendConfig()),)  # named selections
 
-    def labels(self) -> list[tuple[str, str, float]]:
-        """(label, mode, ratio) in run order, full first."""
-        runs = [("full", "full", 0.0)]
+    def runs(self) -> list[EvalRun]:
+        """What each question is answered with, in order, full first; blend once per variant and ratio."""
+        runs = [EvalRun("full", "full")]
         for mode in self.modes:
             if mode == "blend":
-                runs += [(f"blend@{r:g}", "blend", r) for r in self.ratios]
+                runs += [EvalRun(f"{name}@{ratio:g}" if ratio != "auto" else f"{name}@auto", "blend",
+                                 replace(config, recompute_ratio=ratio))
+                         for name, config in self.variants for ratio in self.ratios]
             elif mode != "full":
-                runs.append((mode, mode, 0.0))
+                runs.append(EvalRun(mode, mode))
         return runs
 
 
@@ -44,7 +55,8 @@ def passage_text(ctx: dict) -> str:
 
 def record_key(index: int, record: dict, config: EvalConfig) -> str:
     """Identifies a finished question for resuming: another mode list or ratio list is another run."""
-    payload = json.dumps([index, record["question"], config.passages, config.max_new_tokens, config.labels()])
+    payload = json.dumps([index, record["question"], config.passages, config.max_new_tokens,
+                          [repr(run) for run in config.runs()]])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -52,13 +64,13 @@ def evaluate_record(rb: RagBlend, record: dict, config: EvalConfig) -> list[dict
     contexts = [passage_text(c) for c in record["ctxs"][: config.passages]]
     golds = record["answers"]
     rows, reference = [], None
-    for label, mode, ratio in config.labels():
-        answer = rb.query(record["question"], contexts=contexts, mode=mode, recompute_ratio=ratio,
+    for run in config.runs():
+        answer = rb.query(record["question"], contexts=contexts, mode=run.mode, blend=run.blend,
                           max_new_tokens=config.max_new_tokens)
         if reference is None:
             reference = answer
         rows.append({
-            "label": label, "mode": mode, "ratio": ratio, "question": record["question"], "answers": golds,
+            "label": run.label, "mode": run.mode, "ratio": answer.timings.get("recompute_ratio", 0.0), "question": record["question"], "answers": golds,
             "answer": answer.text, "f1": best_f1(answer.text, golds), "em": best_em(answer.text, golds),
             "correct": contains_answer(answer.text, golds),
             "identical": first_line(answer.text) == first_line(reference.text),
@@ -107,6 +119,7 @@ class ModeSummary:
     ttft_s: float
     ttft_vs_full: float
     recomputed_tokens: float
+    ratio: float  # mean recompute ratio used (varies per question with "auto")
 
 
 def summarize(rows: list[dict]) -> list[ModeSummary]:
@@ -122,18 +135,19 @@ def summarize(rows: list[dict]) -> list[ModeSummary]:
             statistics.mean(r["correct"] for r in items), keeps(full_correct, [r["correct"] for r in items]),
             statistics.mean(r["identical"] for r in items), statistics.mean(r["kl"] for r in items), ttft,
             ttft / full_ttft, statistics.mean(r["recomputed_tokens"] for r in items),
+            statistics.mean(r["ratio"] for r in items),
         ))
     return summaries
 
 
 def summary_table(summaries: list[ModeSummary]) -> str:
     """A markdown table (also readable on a terminal)."""
-    lines = ["| mode | n | F1 | EM | correct | keeps | identical to full | KL vs full | median TTFT s | TTFT / full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | n | F1 | EM | correct | keeps | identical to full | KL vs full | recomputed tokens | median TTFT s | TTFT / full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         kept = "n/a" if s.keeps is None else f"{s.keeps:.0%}"
         lines.append(f"| {s.label} | {s.questions} | {s.f1:.3f} | {s.em:.2f} | {s.correct:.0%} | {kept} | "
-                     f"{s.identical:.0%} | {s.kl:.3f} | {s.ttft_s:.2f} | {s.ttft_vs_full:.2f} |")
+                     f"{s.identical:.0%} | {s.kl:.3f} | {s.recomputed_tokens:.0f} | {s.ttft_s:.2f} | {s.ttft_vs_full:.2f} |")
     return "\n".join(lines)
 
 

@@ -104,22 +104,13 @@ class FusionEngine:
         for index in range(self.model.num_layers):
             start = time.perf_counter()
             cache.layers[index] = loader.get(index)
-            if index == check:
-                share = self._check_share(index, hidden, rows, cache, layout, cos, sin, blend)
-                rows, hidden = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, min(1.0, share * blend.gradual))
-            elif blend is not None and index == check + 1 and blend.gradual > 1:
-                rows, hidden = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, share)
+            if blend is not None and (index == check or (index == check + 1 and blend.gradual > 1)):
+                rows, hidden, share = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, share)
             hidden = self._layer(index, hidden, rows, length, cache, cos, sin)
             timings["check_s" if index <= check else "partial_s"] += time.perf_counter() - start
         if share is not None:
             timings["recompute_ratio"] = share
         return Prefill(self._logits(hidden), cache.to_dynamic(), len(rows), timings)
-
-    def _check_share(self, index, hidden, rows, cache, layout, cos, sin, blend: BlendConfig) -> float:
-        if blend.recompute_ratio != AUTO:
-            return float(blend.recompute_ratio)
-        scores = self._scores(index, hidden, rows, cache, layout, cos, sin, blend)
-        return auto_share(scores[self._chunk_rows(rows, layout)], blend)
 
     @staticmethod
     def _chunk_rows(rows: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
@@ -128,16 +119,30 @@ class FusionEngine:
 
     def _narrow(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
                 layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig,
-                share: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the question suffix and the top-scoring `share` of chunk tokens among `rows`."""
-        scores = self._scores(index, hidden, rows, cache, layout, cos, sin, blend)
+                share: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Keep the question suffix and the top-scoring chunk tokens among `rows`: on the check layer
+        (`share` None) the configured ratio, or "auto"'s, times `gradual`; after it, `share`.
+
+        Every row's fresh K/V on this layer is computed for scoring anyway, so it replaces the stored
+        K/V of all of them, kept or not: a dropped token's cache is fresh up to the layer it left on."""
+        layer = self.decoder.layers[index]
+        normed = layer.input_layernorm(hidden)
+        keys, values = self._fresh_kv(layer.self_attn, normed, rows, cos, sin)
+        scores = self._scores(layer.self_attn, normed, keys, values, rows, cache.layers[index], layout, cos, sin, blend)
+        cache.layers[index][0][:, :, rows] = keys
+        cache.layers[index][1][:, :, rows] = values
         candidates = self._chunk_rows(rows, layout)
         positions = rows[candidates]
-        scores = scores[candidates].masked_fill(self._chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
+        scores = scores[candidates]
+        keep = share
+        if share is None:
+            share = auto_share(scores, blend) if blend.recompute_ratio == AUTO else float(blend.recompute_ratio)
+            keep = min(1.0, share * blend.gradual)
+        scores = scores.masked_fill(self._chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
         groups, sizes = self._budget_groups(positions, layout, blend.budget)
-        chosen = select_top(scores, positions, groups, sizes, share)
+        chosen = select_top(scores, positions, groups, sizes, keep)
         kept = torch.cat([chosen, rows[rows >= layout.suffix_start]])
-        return kept, hidden[:, torch.searchsorted(rows, kept)]
+        return kept, hidden[:, torch.searchsorted(rows, kept)], share
 
     @staticmethod
     def _chunk_starts(positions: torch.Tensor, layout: PromptLayout, count: int) -> torch.Tensor:
@@ -156,31 +161,33 @@ class FusionEngine:
         groups = torch.searchsorted(starts, positions, right=True) - 1
         return groups, {i: s.length for i, s in enumerate(layout.chunk_spans)}
 
-    def _scores(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
-                layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig) -> torch.Tensor:
-        """The selection signal for every row in `rows`, from layer `index`'s input `hidden`."""
+    def _fresh_kv(self, attention: torch.nn.Module, normed: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K (post-RoPE, at the rows' positions) and V for `rows`, from the normed input."""
+        keys = self._heads(attention.k_proj(normed), getattr(attention, "k_norm", None))
+        return apply_rope(keys, cos[:, rows], sin[:, rows]), self._heads(attention.v_proj(normed))
+
+    def _scores(self, attention: torch.nn.Module, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                rows: torch.Tensor, stored: tuple[torch.Tensor, torch.Tensor], layout: PromptLayout,
+                cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig) -> torch.Tensor:
+        """The selection signal for every row in `rows`, from their fresh K/V against the `stored` ones."""
         if blend.signal == "random":
             return torch.rand(len(rows), generator=torch.Generator().manual_seed(blend.seed)).to(rows.device)
-        attention = self.decoder.layers[index].self_attn
-        normed = self.decoder.layers[index].input_layernorm(hidden)
-        stored_keys, stored_values = (t[:, :, rows] for t in cache.layers[index])
-        values = deviation(self._heads(attention.v_proj(normed)), stored_values)
+        value_dev = deviation(values, stored[1][:, :, rows])
         if blend.signal == "value":
-            return values
-        keys = apply_rope(self._heads(attention.k_proj(normed), getattr(attention, "k_norm", None)),
-                          cos[:, rows], sin[:, rows])
-        if blend.signal in ("key", "kv"):
-            key_dev = deviation(keys, stored_keys)
-            if blend.signal == "key":
-                return key_dev
-            return key_dev / key_dev.mean().clamp_min(1e-12) + values / values.mean().clamp_min(1e-12)
+            return value_dev
+        key_dev = deviation(keys, stored[0][:, :, rows])
+        if blend.signal == "key":
+            return key_dev
+        if blend.signal == "kv":
+            return key_dev / key_dev.mean().clamp_min(1e-12) + value_dev / value_dev.mean().clamp_min(1e-12)
         question = rows >= layout.suffix_start
         queries = apply_rope(self._heads(attention.q_proj(normed[:, question]), getattr(attention, "q_norm", None)),
                              cos[:, rows[question]], sin[:, rows[question]])
-        all_keys = cache.layers[index][0].clone()
+        all_keys = stored[0].clone()
         all_keys[:, :, rows] = keys
         paid = question_attention(queries, all_keys, rows[question])[rows]
-        return paid if blend.signal == "attention" else paid * values
+        return paid if blend.signal == "attention" else paid * value_dev
 
     def _heads(self, projected: torch.Tensor, norm: torch.nn.Module | None = None) -> torch.Tensor:
         """[1, n, heads*head_dim] -> [1, heads, n, head_dim], with the per-head norm some families apply."""

@@ -28,7 +28,7 @@ def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:
 
 
 def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
-    blends = sorted((float(s.label.split("@")[1]), s) for s in summaries if s.label.startswith("blend@"))
+    blends = sorted(((s.ratio, s) for s in summaries if s.label.startswith("blend@")), key=lambda item: item[0])
     refs = {s.label: s for s in summaries if s.label in ("full", "reuse")}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     ratios = [r for r, _ in blends]
@@ -61,6 +61,27 @@ def ttft_vs_context(rows: list[SpeedRow], path: Path) -> None:
         ax.plot(*zip(*points), "o-", label=mode)
     ax.set(xlabel="prompt tokens", ylabel="median TTFT (s)", title="TTFT against context length")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
+    """Quality-speed curves: recompute ratio on x; kept share and TTFT / full on y; a line per variant
+    (labels `variant@ratio`)."""
+    variants = dict.fromkeys(s.label.split("@")[0] for s in summaries if "@" in s.label)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for variant in variants:
+        points = sorted(((s.ratio, s) for s in summaries if s.label.split("@")[0] == variant), key=lambda p: p[0])
+        ratios = [r for r, _ in points]
+        left.plot(ratios, [s.keeps or 0.0 for _, s in points], "o-", label=variant)
+        right.plot(ratios, [s.ttft_vs_full for _, s in points], "o-", label=variant)
+    for s in summaries:
+        if s.label == "reuse":
+            left.axhline(s.keeps or 0.0, linestyle=":", color="gray", label="reuse")
+    left.set(xlabel="recompute ratio", ylabel="share of full's correct answers kept", title="Quality")
+    right.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
+    left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,8 @@
 """A seeded synthetic RAG dataset that a 135M-parameter model can answer.
 
 Real multi-hop data (MuSiQue) is mostly beyond SmolLM2-135M, so quality comparisons between
-modes would compare noise. Here every record is a small invented world of six passages: two
-projects, the two people who lead them (each works in a city), and two unrelated cities.
+modes would compare noise. Here every record is a small invented world of six passages (or more):
+two projects, the two people who lead them (each works in a city), and unrelated cities.
 Single-hop questions ask a project's leader or a person's city; two-hop questions ask the
 city of a project's leader, which needs the project passage and the person passage (the
 second project -> leader -> city chain is the decoy). Names come from syllable and word
@@ -103,14 +103,14 @@ class _Names:
         return self._unique(lambda: self.rng.choice(_PROJECTS))
 
 
-def _world(rng: random.Random) -> _World:
+def _world(rng: random.Random, towns: int) -> _World:
     names = _Names(rng)
     projects = []
     for _ in range(2):
         leader = _Person(names.person(), names.city(), rng.choice(_JOBS), rng.choice(_HOBBIES))
         topic, members, year = rng.choice(_TOPICS), rng.randint(4, 40), rng.randint(1990, 2022)
         projects.append(_Project(names.project(), leader, topic, members, year))
-    return _World(projects, [_town_text(names.city(), rng) for _ in range(2)])
+    return _World(projects, [_town_text(names.city(), rng) for _ in range(towns)])
 
 
 def _person_text(p: _Person) -> str:
@@ -142,8 +142,8 @@ def _town_text(town: str, rng: random.Random) -> str:
     )
 
 
-def _one_hop(rng: random.Random) -> dict:
-    world = _world(rng)
+def _one_hop(rng: random.Random, towns: int) -> dict:
+    world = _world(rng, towns)
     target = rng.choice(world.projects)
     if rng.random() < 0.5:
         question, answer = f"Who is the leader of the {target.name} project?", target.leader.name
@@ -154,8 +154,8 @@ def _one_hop(rng: random.Random) -> dict:
     return _record(question, answer, texts, hops=1)
 
 
-def _two_hop(rng: random.Random) -> dict:
-    world = _world(rng)
+def _two_hop(rng: random.Random, towns: int) -> dict:
+    world = _world(rng, towns)
     target = world.projects[0]
     texts = world.passages()
     a, b = _project_text(target), _person_text(target.leader)
@@ -174,9 +174,12 @@ def _record(question: str, answer: str, texts: list[str], hops: int) -> dict:
     return {"question": question, "answers": [answer], "ctxs": ctxs, "hops": hops}
 
 
-def make_synthetic(n: int, seed: int = 0) -> list[dict]:
-    """`n` records, alternating single-hop and two-hop questions; same (n, seed) -> same data."""
+def make_synthetic(n: int, seed: int = 0, passages: int = 6) -> list[dict]:
+    """`n` records, alternating single-hop and two-hop questions; same arguments -> same data.
+    `passages` >= 6: every passage beyond the four facts is another distractor city."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if passages < 6:
+        raise ValueError(f"passages must be >= 6 (four facts and two distractors), got {passages}")
     rng = random.Random(seed)
-    return [(_one_hop if i % 2 == 0 else _two_hop)(rng) for i in range(n)]
+    return [(_one_hop if i % 2 == 0 else _two_hop)(rng, passages - 4) for i in range(n)]
