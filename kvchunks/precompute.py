@@ -80,7 +80,7 @@ def compute_kv(decoder: torch.nn.Module, token_batches: Sequence[Sequence[int]],
         mask[row, : len(ids)] = 1
     kwargs = {}
     if prefix is not None:
-        kwargs["past_key_values"] = prefix_cache(decoder, prefix, len(lengths))
+        kwargs["cache"] = prefix_cache(decoder, prefix, len(lengths))
         mask = torch.cat([torch.ones(len(lengths), prefix.num_tokens, dtype=torch.long, device=device), mask], dim=1)
     with capture_kv_projections(decoder.layers) as captured:
         decoder(input_ids=input_ids, attention_mask=mask, use_cache=prefix is not None, **kwargs)

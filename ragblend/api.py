@@ -16,7 +16,7 @@ from ragblend.generate import SamplingConfig, decode
 from ragblend.ingest import Ingestor, IngestReport
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
-from ragblend.model import LoadedModel, load_model
+from ragblend.model import LoadedModel, load_model, quiet_loading
 from ragblend.prompt import PromptTemplate
 from ragblend.selection import BlendConfig
 from ragblend.store import Manifest, Store
@@ -55,7 +55,8 @@ class RagBlend:
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-        self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
+        with quiet_loading():
+            self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
         self.template = PromptTemplate.for_tokenizer(self.model.tokenizer)
         if chunk_tokens is not None:
             validate_chunk_tokens(chunk_tokens, self.model.max_positions)

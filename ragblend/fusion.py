@@ -74,14 +74,14 @@ class FusionEngine:
         layer = self.decoder.layers[index]
         if len(rows) == length:  # every row: sdpa's own causal kernel, no mask
             cache.rows = rows
-            return layer(hidden, position_embeddings=(cos, sin), past_key_values=cache)
+            return layer(hidden, position_embeddings=(cos, sin), cache=cache)
         blocks = []
         for start in range(0, len(rows), ROW_BLOCK):
             block = rows[start:start + ROW_BLOCK]
             cache.rows = block
             mask = causal_rows_mask(block, int(block[-1]) + 1)
             blocks.append(layer(hidden[:, start:start + ROW_BLOCK], attention_mask=mask,
-                                position_embeddings=(cos[:, block], sin[:, block]), past_key_values=cache))
+                                position_embeddings=(cos[:, block], sin[:, block]), cache=cache))
         return torch.cat(blocks, dim=1)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -198,4 +198,4 @@ class FusionEngine:
     def full_prefill(self, layout: PromptLayout) -> Prefill:
         """Ordinary prefill of the whole prompt with the model's own forward: the reference."""
         out = self.model.model(layout.ids_tensor(self.model.device)[None], use_cache=True, logits_to_keep=1)
-        return Prefill(out.logits[0, -1].float(), out.past_key_values, len(layout))
+        return Prefill(out.logits[0, -1].float(), out.cache, len(layout))

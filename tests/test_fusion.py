@@ -84,7 +84,7 @@ def test_every_cached_key_carries_rope_of_its_prompt_position(rb):
     prepared = rb.prefill(QUESTION, contexts=list(reversed(PASSAGES)), mode="reuse")
     ids = torch.tensor([prepared.layout.token_ids])
     with torch.inference_mode():
-        reference = rb.model.model(ids, use_cache=True).past_key_values
+        reference = rb.model.model(ids, use_cache=True).cache
     fused = prepared.prefill.cache.layers[0].keys
     assert torch.allclose(fused, reference.layers[0].keys, atol=2e-3, rtol=1e-3)
     # and a stored pre-RoPE key rotated to another position would not match

@@ -52,7 +52,7 @@ def test_stored_kv_reproduces_the_real_model_cache(rb, smollm):
     stored = rb.store.kv.load(hit.chunk_id)
     prefix = list(rb.template.prefix_ids)
     with torch.inference_mode():
-        cache = smollm.model.model(torch.tensor([prefix + hit.token_ids]), use_cache=True).past_key_values
+        cache = smollm.model.model(torch.tensor([prefix + hit.token_ids]), use_cache=True).cache
     P, n = len(prefix), len(hit.token_ids)
     cos, sin = rotary_cos_sin(smollm.decoder.rotary_emb, torch.arange(P, P + n), torch.float32)
     for layer in range(smollm.num_layers):

@@ -66,10 +66,10 @@ class Ingested:
         return len(self.prefix_ids)
 
     def reference_cache(self, chunk: ChunkRecord):
-        """The model's own past_key_values for prefix + chunk (post-RoPE keys, [batch, kv_heads, seq, head_dim])."""
+        """The model's own cache for prefix + chunk (post-RoPE keys, [batch, kv_heads, seq, head_dim])."""
         with torch.inference_mode():
             out = self.model.model.model(torch.tensor([self.prefix_ids + chunk.token_ids]), use_cache=True)
-        return out.past_key_values
+        return out.cache
 
 
 @pytest.fixture(scope="module", params=KINDS)
