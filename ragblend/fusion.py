@@ -8,7 +8,6 @@ signal (ragblend.selection; HKVD by default) plus the question suffix.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
