@@ -19,7 +19,8 @@ from ragblend.attention import RowPlan
 from ragblend.layout import PromptLayout
 from ragblend.loader import LayerLoader
 from ragblend.model import LoadedModel
-from ragblend.selection import AUTO, BlendConfig, auto_share, question_attention, select_top, deviation
+from ragblend.selection import (AUTO, BlendConfig, auto_share, budget_groups, chunk_starts, deviation,
+                                question_attention, select_top)
 
 @dataclass
 class Prefill:
@@ -95,11 +96,6 @@ class FusionEngine:
             timings["recompute_ratio"] = share
         return Prefill(self._logits(hidden), cache.to_dynamic(), len(rows), timings)
 
-    @staticmethod
-    def _chunk_rows(rows: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
-        """Mask over `rows`: which are chunk tokens (candidates for selection)."""
-        return (rows >= layout.prefix_len) & (rows < layout.suffix_start)
-
     def _narrow(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
                 layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig,
                 share: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -114,35 +110,17 @@ class FusionEngine:
         scores = self._scores(layer.self_attn, normed, keys, values, rows, cache.layers[index], layout, cos, sin, blend)
         cache.layers[index][0][:, :, rows] = keys
         cache.layers[index][1][:, :, rows] = values
-        candidates = self._chunk_rows(rows, layout)
+        candidates = (rows >= layout.prefix_len) & (rows < layout.suffix_start)
         positions = rows[candidates]
         scores = scores[candidates]
         keep = share
         if share is None:
             share = auto_share(scores, blend) if blend.recompute_ratio == AUTO else float(blend.recompute_ratio)
             keep = min(1.0, share * blend.gradual)
-        scores = scores.masked_fill(self._chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
-        groups, sizes = self._budget_groups(positions, layout, blend.budget)
-        chosen = select_top(scores, positions, groups, sizes, keep)
+        scores = scores.masked_fill(chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
+        chosen = select_top(scores, positions, *budget_groups(positions, layout, blend.budget), keep)
         kept = torch.cat([chosen, rows[rows >= layout.suffix_start]])
         return kept, hidden[:, torch.searchsorted(rows, kept)], share
-
-    @staticmethod
-    def _chunk_starts(positions: torch.Tensor, layout: PromptLayout, count: int) -> torch.Tensor:
-        """Mask: the first `count` tokens of every chunk after the first (forced into the selection)."""
-        forced = torch.zeros_like(positions, dtype=torch.bool)
-        for span in layout.chunk_spans[1:]:
-            forced |= (positions >= span.start) & (positions < span.start + count)
-        return forced
-
-    @staticmethod
-    def _budget_groups(positions: torch.Tensor, layout: PromptLayout, budget: str) -> tuple[torch.Tensor, dict[int, int]]:
-        """A group id per position and each group's full size: one group, or one per chunk."""
-        if budget == "global":
-            return torch.zeros_like(positions), {0: layout.suffix_start - layout.prefix_len}
-        starts = torch.tensor([s.start for s in layout.chunk_spans], device=positions.device)
-        groups = torch.searchsorted(starts, positions, right=True) - 1
-        return groups, {i: s.length for i, s in enumerate(layout.chunk_spans)}
 
     def _fresh_kv(self, attention: torch.nn.Module, normed: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

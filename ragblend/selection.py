@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ragblend.layout import PromptLayout
+
 SIGNALS = ("value", "key", "kv", "attention", "value_attention", "random")
 BUDGETS = ("global", "per_chunk")
 AUTO = "auto"
@@ -100,3 +102,20 @@ def select_top(scores: torch.Tensor, positions: torch.Tensor, groups: torch.Tens
         if count:
             chosen.append(positions[member][torch.topk(scores[member], count).indices])
     return torch.cat(chosen).sort().values if chosen else positions[:0]
+
+
+def chunk_starts(positions: torch.Tensor, layout: PromptLayout, count: int) -> torch.Tensor:
+    """Mask over `positions`: the first `count` tokens of every chunk after the first (forced in)."""
+    forced = torch.zeros_like(positions, dtype=torch.bool)
+    for span in layout.chunk_spans[1:]:
+        forced |= (positions >= span.start) & (positions < span.start + count)
+    return forced
+
+
+def budget_groups(positions: torch.Tensor, layout: PromptLayout, budget: str) -> tuple[torch.Tensor, dict[int, int]]:
+    """A budget group per position and each group's full size: one group, or one per chunk."""
+    if budget == "global":
+        return torch.zeros_like(positions), {0: layout.suffix_start - layout.prefix_len}
+    starts = torch.tensor([s.start for s in layout.chunk_spans], device=positions.device)
+    groups = torch.searchsorted(starts, positions, right=True) - 1
+    return groups, {i: s.length for i, s in enumerate(layout.chunk_spans)}
