@@ -31,9 +31,10 @@ from ragblend.selection import BlendConfig  # noqa: E402
 from ragblend.synthetic import make_synthetic  # noqa: E402
 
 FIDELITY_DOCS = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
-BASE = BlendConfig(signal="value", check_layer=1)
+# CacheBlend's HKVD as the paper's main configuration: value deviation on layer 1, one top-k
+BASE = BlendConfig(signal="value", check_layer=1, budget="global", chunk_start_tokens=0, gradual=1.0)
 VARIANTS = {
-    "value": BASE,  # CacheBlend's HKVD
+    "value": BASE,
     "key": replace(BASE, signal="key"),
     "kv": replace(BASE, signal="kv"),
     "random": replace(BASE, signal="random"),
