@@ -17,7 +17,7 @@ import torch
 
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
-from kvchunks.rope import apply_rope
+from kvchunks.rope import rotate_in_place
 from ragblend.layout import PromptLayout
 
 # Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
@@ -65,8 +65,10 @@ class LayerLoader:
 
     def _load_layer(self, txn: lmdb.Transaction, layer: int, metas: dict) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.prefix.keys.shape[1], len(self.layout), self.prefix.keys.shape[3])
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        keys[:, :, self.stored_len:] = 0  # rows the engine computes; every stored row is written below
+        values[:, :, self.stored_len:] = 0
         prefix = self.spans[0]
         keys[0, :, : prefix.length] = self.prefix.keys[layer]
         values[0, :, : prefix.length] = self.prefix.values[layer]
@@ -74,8 +76,8 @@ class LayerLoader:
             k, v = self.kv.read_layer(txn, span.key, layer, metas[span.key])
             keys[0, :, span.start : span.end] = torch.from_numpy(k).to(self.device)
             values[0, :, span.start : span.end] = torch.from_numpy(v).to(self.device)
-        stored = slice(0, self.stored_len)
-        keys[:, :, stored] = apply_rope(keys[:, :, stored], self.cos[:, stored], self.sin[:, stored])
+        stored = keys[:, :, : self.stored_len]
+        rotate_in_place(stored, self.cos[:, : self.stored_len], self.sin[:, : self.stored_len])
         return keys, values
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvchunks.rope import apply_rope, rotary_cos_sin
+from kvchunks.rope import apply_rope, rotary_cos_sin, rotate_in_place
 from ragblend import RagBlend, attention
 from ragblend.selection import BlendConfig, auto_share, deviation, select_top
 
@@ -328,3 +328,12 @@ def test_instance_default_blend_config_applies_and_per_query_ratio_overrides_it(
     default = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend").prefill.timings["recompute_ratio"]
     override = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", recompute_ratio=0.1).prefill.timings
     assert default == 0.5 and override["recompute_ratio"] == 0.1
+
+
+def test_in_place_rotation_equals_apply_rope():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 7, 8)
+    cos, sin = torch.randn(1, 7, 8), torch.randn(1, 7, 8)
+    expected = apply_rope(keys, cos, sin)
+    rotate_in_place(keys, cos, sin)
+    assert torch.allclose(keys, expected, atol=1e-6)
