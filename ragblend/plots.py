@@ -67,21 +67,24 @@ def ttft_vs_context(rows: list[SpeedRow], path: Path) -> None:
 
 
 def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
-    """Quality-speed curves: recompute ratio on x; kept share and TTFT / full on y; a line per variant
-    (labels `variant@ratio`)."""
+    """Quality-speed curves: recompute ratio on x; kept share, first-token KL and TTFT / full on y;
+    a line per variant (labels `variant@ratio`), reuse as a reference line."""
     variants = dict.fromkeys(s.label.split("@")[0] for s in summaries if "@" in s.label)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (kept, kl, speed) = plt.subplots(1, 3, figsize=(13, 3.8))
     for variant in variants:
         points = sorted(((s.ratio, s) for s in summaries if s.label.split("@")[0] == variant), key=lambda p: p[0])
         ratios = [r for r, _ in points]
-        left.plot(ratios, [s.keeps or 0.0 for _, s in points], "o-", label=variant)
-        right.plot(ratios, [s.ttft_vs_full for _, s in points], "o-", label=variant)
+        kept.plot(ratios, [s.keeps or 0.0 for _, s in points], "o-", label=variant)
+        kl.plot(ratios, [s.kl for _, s in points], "o-", label=variant)
+        speed.plot(ratios, [s.ttft_vs_full for _, s in points], "o-", label=variant)
     for s in summaries:
         if s.label == "reuse":
-            left.axhline(s.keeps or 0.0, linestyle=":", color="gray", label="reuse")
-    left.set(xlabel="recompute ratio", ylabel="share of full's correct answers kept", title="Quality")
-    right.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
-    left.legend(fontsize=7)
+            kept.axhline(s.keeps or 0.0, linestyle=":", color="gray", label="reuse")
+            kl.axhline(s.kl, linestyle=":", color="gray", label="reuse")
+    kept.set(xlabel="recompute ratio", ylabel="share of full's correct answers kept", title="Answers kept")
+    kl.set(xlabel="recompute ratio", ylabel="first-token KL to full", title="Distance to full prefill")
+    speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
+    kept.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
