@@ -1,0 +1,1 @@
+"""The engine: model, prompt layout, KV loading, token selection, fused prefill and decoding."""

@@ -1,0 +1,1 @@
+"""Evaluation: datasets, metrics, the quality harness, speed sweeps and plots."""
