@@ -24,8 +24,8 @@ from fidelity import FIDELITY_DOCS  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS  # noqa: E402
-from ragblend.evaluate import passage_text  # noqa: E402
-from ragblend.synthetic import make_synthetic  # noqa: E402
+from ragblend.eval.evaluate import passage_text  # noqa: E402
+from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 
 TOP = 0.15
 

@@ -24,11 +24,11 @@ from docsection import machine, replace_section  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS, _ratios  # noqa: E402
-from ragblend.datasets import load_records  # noqa: E402
-from ragblend.evaluate import EvalConfig, run_eval, summarize, summary_table, write_hop_summaries  # noqa: E402
-from ragblend.plots import variant_curves  # noqa: E402
-from ragblend.selection import BlendConfig  # noqa: E402
-from ragblend.synthetic import make_synthetic  # noqa: E402
+from ragblend.eval.datasets import load_records  # noqa: E402
+from ragblend.eval.evaluate import EvalConfig, run_eval, summarize, summary_table, write_hop_summaries  # noqa: E402
+from ragblend.eval.plots import variant_curves  # noqa: E402
+from ragblend.engine.selection import BlendConfig  # noqa: E402
+from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 
 FIDELITY_DOCS = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 # CacheBlend's HKVD as the paper's main configuration: value deviation on layer 1, one top-k

@@ -55,7 +55,7 @@ class Result:
 def load_passages(path: Path, records: int):
     """One document per distinct passage of the first `records` records, in order."""
     from ragblend.documents import Document, text_id
-    from ragblend.evaluate import passage_text
+    from ragblend.eval.evaluate import passage_text
 
     data = json.loads(path.read_text())
     docs, seen = [], set()
@@ -88,7 +88,7 @@ class ModelTimer:
 
 def run(args: argparse.Namespace) -> tuple[Result, dict]:
     from ragblend.api import RagBlend
-    from ragblend.model import load_model
+    from ragblend.engine.model import load_model
 
     docs = load_passages(args.data, args.docs)
     model = load_model(args.model, device=args.device)

@@ -21,9 +21,9 @@ from docsection import DOCS, machine, replace_section  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS  # noqa: E402
-from ragblend.plots import ttft_vs_context  # noqa: E402
-from ragblend.speed import speed_sweep, speed_table  # noqa: E402
-from ragblend.synthetic import make_synthetic  # noqa: E402
+from ragblend.eval.plots import ttft_vs_context  # noqa: E402
+from ragblend.eval.speed import speed_sweep, speed_table  # noqa: E402
+from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 
 MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "musique_s.json"
 

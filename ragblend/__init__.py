@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers loads: e
 
 from ragblend.api import RagBlend, SearchHit
 from ragblend.documents import Document, DocumentError
-from ragblend.selection import BlendConfig
+from ragblend.engine.selection import BlendConfig
 from ragblend.store import StoreMismatchError
 
 __all__ = ["BlendConfig", "Document", "DocumentError", "RagBlend", "SearchHit", "StoreMismatchError"]

@@ -11,14 +11,14 @@ from kvchunks.chunking import validate_chunk_tokens
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.documents import Document, coerce_document
-from ragblend.fusion import FusionEngine, Prefill
-from ragblend.generate import SamplingConfig, decode
+from ragblend.engine.fusion import FusionEngine, Prefill
+from ragblend.engine.generate import SamplingConfig, decode
 from ragblend.ingest import Ingestor, IngestReport
-from ragblend.layout import PromptLayout
-from ragblend.loader import LayerLoader
-from ragblend.model import LoadedModel, load_model, quiet_loading
-from ragblend.prompt import PromptTemplate
-from ragblend.selection import BlendConfig
+from ragblend.engine.layout import PromptLayout
+from ragblend.engine.loader import LayerLoader
+from ragblend.engine.model import LoadedModel, load_model, quiet_loading
+from ragblend.engine.prompt import PromptTemplate
+from ragblend.engine.selection import BlendConfig
 from ragblend.store import Manifest, Store
 
 DEFAULT_CHUNK_TOKENS = 256

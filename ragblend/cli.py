@@ -72,11 +72,11 @@ def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ragblend.api import RagBlend
-    from ragblend.datasets import load_records
-    from ragblend.evaluate import EvalConfig, run_eval, summarize, summary_table, write_hop_summaries, write_summary
-    from ragblend.plots import quality_vs_ttft, ratio_sweep, ttft_vs_context
-    from ragblend.speed import speed_sweep, speed_table
-    from ragblend.synthetic import make_synthetic
+    from ragblend.eval.datasets import load_records
+    from ragblend.eval.evaluate import EvalConfig, run_eval, summarize, summary_table, write_hop_summaries, write_summary
+    from ragblend.eval.plots import quality_vs_ttft, ratio_sweep, ttft_vs_context
+    from ragblend.eval.speed import speed_sweep, speed_table
+    from ragblend.eval.synthetic import make_synthetic
 
     if (args.dataset is None) == (args.synthetic is None):
         raise ValueError("give exactly one of --dataset FILE or --synthetic N")

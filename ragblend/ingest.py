@@ -17,8 +17,8 @@ from index.embedder import Embedder
 from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.precompute import ChunkKV, batches_by_length, compute_kv
 from ragblend.documents import Document
-from ragblend.model import LoadedModel
-from ragblend.prompt import PromptTemplate
+from ragblend.engine.model import LoadedModel
+from ragblend.engine.prompt import PromptTemplate
 from ragblend.store import Store
 
 COMMIT_EVERY_CHUNKS = 64

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from index.embedder import Embedder  # noqa: E402
-from ragblend.model import LoadedModel, default_model_path, load_model  # noqa: E402
+from ragblend.engine.model import LoadedModel, default_model_path, load_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

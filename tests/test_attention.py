@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ragblend import attention
-from ragblend.attention import RowPlan, causal_rows_mask, rows_attention
+from ragblend.engine import attention
+from ragblend.engine.attention import RowPlan, causal_rows_mask, rows_attention
 
 
 class Grouped(torch.nn.Module):

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from kvchunks.chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, chunk_id, split_document, validate_chunk_tokens
 from ragblend.api import RagBlend
-from ragblend.prompt import PromptTemplate
+from ragblend.engine.prompt import PromptTemplate
 
 SENTENCES = [
     "The museum opened its doors in 1893 after a decade of fundraising.",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ragblend.datasets import load_records
+from ragblend.eval.datasets import load_records
 
 GOOD = {"question": "Where?", "answers": ["Dunmore"], "ctxs": [{"title": "t", "text": "Mara works in Dunmore."}]}
 

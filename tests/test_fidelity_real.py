@@ -9,9 +9,9 @@ import pytest
 
 from ragblend import RagBlend
 from ragblend.cli import EVAL_CHUNK_TOKENS
-from ragblend.evaluate import passage_text
-from ragblend.metrics import first_token_kl
-from ragblend.synthetic import make_synthetic
+from ragblend.eval.evaluate import passage_text
+from ragblend.eval.metrics import first_token_kl
+from ragblend.eval.synthetic import make_synthetic
 
 pytestmark = pytest.mark.integration
 RECORDS = make_synthetic(20, seed=7)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kvchunks.rope import apply_rope, rotary_cos_sin, rotate_in_place
-from ragblend import RagBlend, attention
-from ragblend.selection import BlendConfig, auto_share, deviation, select_top
+from ragblend import RagBlend
+from ragblend.engine import attention
+from ragblend.engine.selection import BlendConfig, auto_share, deviation, select_top
 
 PASSAGES = [
     "The lighthouse of Varn was built in 1821 by the engineer Oda Pell. It stands on a granite cliff.",

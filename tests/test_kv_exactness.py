@@ -19,7 +19,7 @@ from index.docstore import ChunkRecord
 from kvchunks.precompute import compute_kv
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
-from ragblend.model import LoadedModel, load_model
+from ragblend.engine.model import LoadedModel, load_model
 
 KINDS = ["llama", "llama_mha", "qwen2", "llama3_rope"]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ragblend.metrics import (
+from ragblend.eval.metrics import (
     best_em,
     best_f1,
     contains_answer,

@@ -12,7 +12,7 @@ import pytest
 
 from ragblend import RagBlend
 from ragblend.cli import EVAL_CHUNK_TOKENS
-from ragblend.evaluate import EvalConfig, evaluate_record
+from ragblend.eval.evaluate import EvalConfig, evaluate_record
 
 pytestmark = pytest.mark.integration
 

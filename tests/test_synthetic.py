@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from ragblend.synthetic import make_synthetic
+from ragblend.eval.synthetic import make_synthetic
 
 RECORDS = make_synthetic(40, seed=3)
 

@@ -2,9 +2,9 @@
 
 Each layer computes only some rows of the prompt (`rows`, sorted prompt positions). Their fresh K/V
 are scattered into that layer's full cache, whose other rows hold stored KV, and they attend over
-the whole cache causally on original positions (ragblend.attention). CacheBlend (`blend`) computes
+the whole cache causally on original positions (ragblend.engine.attention). CacheBlend (`blend`) computes
 every row up to the check layer, then keeps the chunk tokens that score highest on the configured
-signal (ragblend.selection; HKVD by default) plus the question suffix.
+signal (ragblend.engine.selection; HKVD by default) plus the question suffix.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 from transformers import DynamicCache
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
-from ragblend.attention import RowPlan
-from ragblend.layout import PromptLayout
-from ragblend.loader import LayerLoader
-from ragblend.model import LoadedModel
-from ragblend.selection import (AUTO, BlendConfig, auto_share, budget_groups, chunk_starts, deviation,
+from ragblend.engine.attention import RowPlan
+from ragblend.engine.layout import PromptLayout
+from ragblend.engine.loader import LayerLoader
+from ragblend.engine.model import LoadedModel
+from ragblend.engine.selection import (AUTO, BlendConfig, auto_share, budget_groups, chunk_starts, deviation,
                                 question_attention, select_top)
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from ragblend.model import LoadedModel
+from ragblend.engine.model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import rotate_in_place
-from ragblend.layout import PromptLayout
+from ragblend.engine.layout import PromptLayout
 
 # Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

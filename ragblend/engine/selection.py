@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ragblend.layout import PromptLayout
+from ragblend.engine.layout import PromptLayout
 
 SIGNALS = ("value", "key", "kv", "attention", "value_attention", "random")
 BUDGETS = ("global", "per_chunk")

@@ -14,8 +14,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ragblend.api import RagBlend
-from ragblend.selection import BlendConfig
-from ragblend.metrics import best_em, best_f1, contains_answer, first_line, first_token_kl, keeps
+from ragblend.engine.selection import BlendConfig
+from ragblend.eval.metrics import best_em, best_f1, contains_answer, first_line, first_token_kl, keeps
 
 BLEND_TIMINGS = ("fuse_s", "check_s", "partial_s", "load_s", "load_exposed_s", "prepare_s")
 

@@ -8,8 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ragblend.evaluate import ModeSummary  # noqa: E402
-from ragblend.speed import SpeedRow  # noqa: E402
+from ragblend.eval.evaluate import ModeSummary  # noqa: E402
+from ragblend.eval.speed import SpeedRow  # noqa: E402
 
 
 def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ragblend.api import RagBlend
-from ragblend.evaluate import BLEND_TIMINGS, passage_text
+from ragblend.eval.evaluate import BLEND_TIMINGS, passage_text
 
 MODES = ("full", "prefix", "reuse", "blend")
 
