@@ -32,7 +32,7 @@ class BlendConfig:
     signal: str = "value"
     budget: str = "global"  # one top-k over all chunk tokens, or the same share within each chunk
     chunk_start_tokens: int = 0  # always recompute the first N tokens of every chunk after the first
-    gradual: float = 2.0  # keep gradual x ratio on the check layer, narrowed to the ratio on the next
+    gradual: float = 1.0  # keep gradual x ratio on the check layer, narrowed to the ratio on the next
     auto_target: float = 0.3  # "auto": smallest ratio whose tokens hold this share of the total score
     auto_min: float = 0.05
     auto_max: float = 0.5
