@@ -12,6 +12,12 @@ from ragblend.eval.evaluate import ModeSummary  # noqa: E402
 from ragblend.eval.speed import SpeedRow  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in summaries:
@@ -22,9 +28,7 @@ def quality_vs_ttft(summaries: list[ModeSummary], path: Path) -> None:
     ax.scatter([], [], marker="^", color="tab:orange", label="identical to full")
     ax.set(xlabel="median TTFT (s)", ylabel="score", title="Quality against time to first token")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
@@ -49,9 +53,7 @@ def ratio_sweep(summaries: list[ModeSummary], path: Path) -> None:
     left.legend(fontsize=7, loc="center left")
     kl.legend(fontsize=7, loc="center right")
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def ttft_vs_context(rows: list[SpeedRow], path: Path) -> None:
@@ -61,9 +63,7 @@ def ttft_vs_context(rows: list[SpeedRow], path: Path) -> None:
         ax.plot(*zip(*points), "o-", label=mode)
     ax.set(xlabel="prompt tokens", ylabel="median TTFT (s)", title="TTFT against context length")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
@@ -85,6 +85,4 @@ def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
     kl.set(xlabel="recompute ratio", ylabel="first-token KL to full", title="Distance to full prefill")
     speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
     kept.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
