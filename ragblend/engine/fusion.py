@@ -137,10 +137,10 @@ class FusionEngine:
         value_dev = deviation(values, stored[1][:, :, rows])
         if blend.signal == "value":
             return value_dev
-        key_dev = deviation(keys, stored[0][:, :, rows])
-        if blend.signal == "key":
-            return key_dev
-        if blend.signal == "kv":
+        if blend.signal in ("key", "kv"):
+            key_dev = deviation(keys, stored[0][:, :, rows])
+            if blend.signal == "key":
+                return key_dev
             return key_dev / key_dev.mean().clamp_min(1e-12) + value_dev / value_dev.mean().clamp_min(1e-12)
         question = rows >= layout.suffix_start
         queries = apply_rope(self._heads(attention.q_proj(normed[:, question]), getattr(attention, "q_norm", None)),
