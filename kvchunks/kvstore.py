@@ -19,6 +19,14 @@ STORAGE_DTYPE = np.float16
 
 
 @dataclass(frozen=True)
+class StoredKV:
+    """A span's KV that stays on disk until a loader reads it layer by layer."""
+
+    store: KVStore
+    key: str
+
+
+@dataclass(frozen=True)
 class KVMeta:
     tokens: int
     layers: int
@@ -38,11 +46,14 @@ class KVMeta:
 
 
 class KVStore:
-    def __init__(self, env: lmdb.Environment, kv_fingerprint: str):
+    """`family` names the pair of databases: "kv" for document chunks, "session" for conversation turns;
+    both hold the same record format, so every reader and writer serves both."""
+
+    def __init__(self, env: lmdb.Environment, kv_fingerprint: str, family: str = "kv"):
         self.env = env
         self.fingerprint = kv_fingerprint
-        self.kv_db = env.open_db(b"kv")
-        self.meta_db = env.open_db(b"kvmeta")
+        self.kv_db = env.open_db(family.encode())
+        self.meta_db = env.open_db(f"{family}meta".encode())
 
     def _meta_key(self, chunk_id: str) -> bytes:
         return f"{self.fingerprint}/{chunk_id}".encode()

@@ -8,21 +8,18 @@ from typing import Any, Iterable
 
 from index.embedder import Embedder
 from kvchunks.chunking import validate_chunk_tokens
-from ragblend.answer import Answer, AnswerStream, ChunkRef
+from ragblend.answer import Answer, AnswerStream
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.documents import Document, coerce_document
-from ragblend.engine.fusion import FusionEngine, Prefill
-from ragblend.engine.generate import SamplingConfig, decode
-from ragblend.ingest import Ingestor, IngestReport
-from ragblend.engine.layout import PromptLayout
-from ragblend.engine.loader import LayerLoader
+from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.model import LoadedModel, load_model, quiet_loading
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
+from ragblend.ingest import Ingestor, IngestReport
+from ragblend.request import MODES, History, PreparedPrompt, RequestPath
 from ragblend.store import Manifest, Store
 
 DEFAULT_CHUNK_TOKENS = 256
-MODES = ("blend", "reuse", "prefix", "full")
 
 
 @dataclass
@@ -36,12 +33,10 @@ class SearchHit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class PreparedPrompt:
-    layout: PromptLayout
-    prefill: Prefill
-    chunks: list[ContextChunk]
-    timings: dict[str, float]
+def sampling_config(max_new_tokens: int, temperature: float, stop: list[str] | None, seed: int | None) -> SamplingConfig:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
 
 
 class RagBlend:
@@ -70,7 +65,7 @@ class RagBlend:
             index_kind=index_kind or (existing.index_kind if existing else "flat"),
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
-        self.engine = FusionEngine(self.model)
+        self.requests = RequestPath(self.model, self.store, self.ingestor)
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False) -> list[str]:
         """Ingest documents (strings, dicts with `text` and optional `id`/`metadata`); returns their ids."""
@@ -115,47 +110,26 @@ class RagBlend:
         (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most
         (a float, or "auto" to pick it per query; `ans.timings["recompute_ratio"]` says which was used).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = sampling_config(max_new_tokens, temperature, stop, seed)
         prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
                                 check_layer=check_layer, blend=blend, load_depth=load_depth,
                                 reserve_tokens=max_new_tokens)
-        layout, prefill, chunks, timings = prepared.layout, prepared.prefill, prepared.chunks, prepared.timings
-        first_token = time.perf_counter()
-        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
-        generated: list[int] = []
-        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated)
-
-        def finish(text: str) -> Answer:
-            timings["decode_s"] = time.perf_counter() - first_token
-            timings["total_s"] = timings["ttft_s"] + timings["decode_s"]
-            refs = [ChunkRef(c.chunk_id, c.doc_id, c.score, len(c.token_ids)) for c in chunks]
-            return Answer(text.strip(), mode, timings["ttft_s"], timings, len(layout), prefill.recomputed_tokens,
-                          refs, generated, prefill.logits)
-
-        answer_stream = AnswerStream(pieces, finish)
-        return answer_stream if stream else answer_stream.collect()
+        return self.requests.answer(prepared, mode, sampling, stream)
 
     def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
                 recompute_ratio: float | str | None = None, check_layer: int | None = None,
-                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0) -> "PreparedPrompt":
+                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0) -> PreparedPrompt:
         """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
         self._validate_query(question, mode, top_k)
         config = self._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
         chunks = self._contexts(question, contexts, top_k)
         retrieved = time.perf_counter()
-        layout = PromptLayout.build(self.template.prefix_ids, [(c.chunk_id, c.token_ids) for c in chunks],
-                                    self.template.suffix_ids(question))
-        if len(layout) + reserve_tokens > self.model.max_positions:
-            raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
-                             f"window of {self.model.max_positions}; use fewer or shorter contexts")
-        self._ensure_kv(chunks)
-        prepared = time.perf_counter()
-        prefill = self._prefill(layout, mode, config, load_depth)
-        timings = {"retrieve_s": retrieved - start, "prepare_s": prepared - retrieved, **prefill.timings,
-                   "ttft_s": time.perf_counter() - retrieved}
-        return PreparedPrompt(layout, prefill, chunks, timings)
+        history = History(self.template.prefix_ids, [(0, self.ingestor.prefix_kv)])
+        prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
+                                         load_depth, reserve_tokens)
+        prepared.timings["retrieve_s"] = retrieved - start
+        return prepared
 
     @staticmethod
     def _validate_question(question, top_k) -> None:
@@ -206,35 +180,3 @@ class RagBlend:
         text = getattr(item, "page_content", item)
         return from_text(text, self.template.chunk_ids, self.store.manifest.kv_fingerprint,
                          self.store.manifest.chunk_tokens, metadata.get("doc_id"))
-
-    def _ensure_kv(self, chunks: list[ContextChunk]) -> None:
-        """Compute and store the KV of chunks the store lacks, so the next query reuses it."""
-        with self.store.env.begin() as txn:
-            missing = {c.chunk_id: c for c in chunks if not self.store.kv.contains(txn, c.chunk_id)}
-        if not missing:
-            return
-        kvs = self.ingestor.compute([list(c.token_ids) for c in missing.values()])
-        with self.store.env.begin(write=True) as txn:
-            for chunk_id, kv in zip(missing, kvs):
-                self.store.kv.put(txn, chunk_id, kv)
-
-    def _prefill(self, layout: PromptLayout, mode: str, blend: BlendConfig, depth: int) -> Prefill:
-        start = time.perf_counter()
-        prefill = self._run_engine(layout, mode, blend, depth)
-        prefill.timings["fuse_s"] = time.perf_counter() - start
-        return prefill
-
-    def _run_engine(self, layout: PromptLayout, mode: str, blend: BlendConfig, depth: int) -> Prefill:
-        if mode == "full":
-            return self.engine.full_prefill(layout)
-        stored_spans = 2 if mode == "prefix" else len(layout.spans)
-        first_computed = layout.spans[stored_spans - 1].end
-        cos, sin = self.engine.rotary(len(layout))
-        loader = LayerLoader(self.store.kv, layout, self.ingestor.prefix_kv, cos, sin, self.model.num_layers,
-                             self.model.dtype, self.model.device, depth, stored_spans)
-        try:
-            prefill = self.engine.prefill(layout, loader, first_computed, cos, sin, blend if mode == "blend" else None)
-        finally:
-            loader.close()
-        prefill.timings.update(load_s=loader.stats.busy_s, load_exposed_s=loader.stats.exposed_s)
-        return prefill

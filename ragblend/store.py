@@ -32,7 +32,7 @@ def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
         return cached
     if cached is not None:
         cached.close()  # a read-only handle is upgraded to a writable one
-    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_MAP_SIZE, max_dbs=8, readonly=readonly)
+    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_MAP_SIZE, max_dbs=16, readonly=readonly)
     return _OPEN_ENVS[key]
 
 

@@ -77,7 +77,7 @@ class FusionEngine:
         length = len(layout)
         device = self.model.device
         ids = layout.ids_tensor(device)
-        rows = torch.arange(0 if blend else first_computed, length, device=device)
+        rows = torch.arange(layout.prefix_len if blend else first_computed, length, device=device)
         hidden = self.decoder.embed_tokens(ids[rows])[None]
         cache = RowScatterCache(self.model.num_layers)
         timings = {"check_s": 0.0, "partial_s": 0.0}

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import lmdb
 import torch
 
-from kvchunks.kvstore import KVStore
+from kvchunks.kvstore import StoredKV
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import rotate_in_place
-from ragblend.engine.layout import PromptLayout
 
 # Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -30,13 +29,15 @@ class LoadStats:
     exposed_s: float = 0.0  # time the engine waited for a layer (on the critical path)
 
 
+KVSource = ChunkKV | StoredKV  # in memory (the prompt prefix, a RAM-tier turn) or on disk
+
+
 class LayerLoader:
-    def __init__(self, kv: KVStore, layout: PromptLayout, prefix: ChunkKV, cos: torch.Tensor, sin: torch.Tensor,
-                 num_layers: int, dtype: torch.dtype, device: torch.device, depth: int = 2,
-                 stored_spans: int | None = None):
-        """`stored_spans`: how many spans (prefix first) to load; the rest of the prompt is computed."""
-        self.kv, self.layout, self.prefix = kv, layout, prefix
-        self.spans = layout.spans[: stored_spans if stored_spans is not None else len(layout.spans)]
+    def __init__(self, env: lmdb.Environment, sources: list[tuple[int, KVSource]], length: int, cos: torch.Tensor,
+                 sin: torch.Tensor, num_layers: int, dtype: torch.dtype, device: torch.device, depth: int = 2):
+        """`sources`: (prompt position, KV) pairs that tile [0, stored_len) in order; rows from
+        stored_len to `length` are left for the engine to compute."""
+        self.env, self.sources, self.length = env, sources, length
         self.cos, self.sin = cos, sin
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
         self.stats = LoadStats()
@@ -44,40 +45,44 @@ class LayerLoader:
         self._thread = threading.Thread(target=self._run, name="ragblend-kv-loader", daemon=True)
         self._thread.start()
 
-    @property
-    def stored_len(self) -> int:
-        return self.spans[-1].end
+    def _stored_len(self) -> int:
+        start, source = self.sources[-1]
+        return start + (source.num_tokens if isinstance(source, ChunkKV) else self._metas[source].tokens)
 
     def _run(self) -> None:
         try:
-            with self.kv.env.begin(buffers=True) as txn:
-                metas = {s.key: self.kv.meta(txn, s.key) for s in self.spans[1:]}
-                missing = [key for key, meta in metas.items() if meta is None]
+            with self.env.begin(buffers=True) as txn:
+                self._metas = {s: s.store.meta(txn, s.key) for _, s in self.sources if isinstance(s, StoredKV)}
+                missing = [s.key for s, meta in self._metas.items() if meta is None]
                 if missing:
-                    raise KeyError(f"no KV stored for chunks {missing}")
+                    raise KeyError(f"no KV stored for {missing}")
                 for layer in range(self.num_layers):
                     start = time.perf_counter()
-                    item = self._load_layer(txn, layer, metas)
+                    item = self._load_layer(txn, layer)
                     self.stats.busy_s += time.perf_counter() - start
                     self._queue.put(item)
         except BaseException as exc:  # surfaced to the engine thread by get()
             self._queue.put(exc)
 
-    def _load_layer(self, txn: lmdb.Transaction, layer: int, metas: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.prefix.keys.shape[1], len(self.layout), self.prefix.keys.shape[3])
+    def _layer_of(self, txn: lmdb.Transaction, source: KVSource, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(source, ChunkKV):
+            return source.keys[layer], source.values[layer]
+        k, v = source.store.read_layer(txn, source.key, layer, self._metas[source])
+        return torch.from_numpy(k), torch.from_numpy(v)
+
+    def _load_layer(self, txn: lmdb.Transaction, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first_k, _ = self._layer_of(txn, self.sources[0][1], layer)
+        shape = (1, first_k.shape[0], self.length, first_k.shape[2])
         keys = torch.empty(shape, dtype=self.dtype, device=self.device)
         values = torch.empty(shape, dtype=self.dtype, device=self.device)
-        keys[:, :, self.stored_len:] = 0  # rows the engine computes; every stored row is written below
-        values[:, :, self.stored_len:] = 0
-        prefix = self.spans[0]
-        keys[0, :, : prefix.length] = self.prefix.keys[layer]
-        values[0, :, : prefix.length] = self.prefix.values[layer]
-        for span in self.spans[1:]:
-            k, v = self.kv.read_layer(txn, span.key, layer, metas[span.key])
-            keys[0, :, span.start : span.end] = torch.from_numpy(k).to(self.device)
-            values[0, :, span.start : span.end] = torch.from_numpy(v).to(self.device)
-        stored = keys[:, :, : self.stored_len]
-        rotate_in_place(stored, self.cos[:, : self.stored_len], self.sin[:, : self.stored_len])
+        stored = self._stored_len()
+        keys[:, :, stored:] = 0  # rows the engine computes; every stored row is written below
+        values[:, :, stored:] = 0
+        for start, source in self.sources:
+            k, v = self._layer_of(txn, source, layer)
+            keys[0, :, start : start + k.shape[1]] = k.to(self.device)
+            values[0, :, start : start + v.shape[1]] = v.to(self.device)
+        rotate_in_place(keys[:, :, :stored], self.cos[:, :stored], self.sin[:, :stored])
         return keys, values
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
