@@ -24,3 +24,8 @@ def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     """apply_rope written into `keys` itself: one temporary instead of four on the loader's hot path."""
     rotated = rotate_half(keys)
     keys.mul_(cos).addcmul_(rotated, sin)
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo apply_rope (rotate by the negative angle): post-RoPE keys back to position-free ones."""
+    return keys * cos - rotate_half(keys) * sin

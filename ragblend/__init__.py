@@ -4,9 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers loads: every model is local, never downloaded
 
 from ragblend.api import RagBlend, SearchHit
+from ragblend.chat import Chat
 from ragblend.documents import Document, DocumentError
 from ragblend.engine.selection import BlendConfig
+from ragblend.session_store import SessionInfo, SessionNotFoundError
 from ragblend.store import StoreMismatchError
 
-__all__ = ["BlendConfig", "Document", "DocumentError", "RagBlend", "SearchHit", "StoreMismatchError"]
+__all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "SearchHit", "SessionInfo",
+           "SessionNotFoundError", "StoreMismatchError"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -9,6 +10,7 @@ from typing import Any, Iterable
 from index.embedder import Embedder
 from kvchunks.chunking import validate_chunk_tokens
 from ragblend.answer import Answer, AnswerStream
+from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.documents import Document, coerce_document
 from ragblend.engine.generate import SamplingConfig
@@ -17,6 +19,8 @@ from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.ingest import Ingestor, IngestReport
 from ragblend.request import MODES, History, PreparedPrompt, RequestPath
+from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
+from ragblend.sessions import SessionManager
 from ragblend.store import Manifest, Store
 
 DEFAULT_CHUNK_TOKENS = 256
@@ -33,20 +37,16 @@ class SearchHit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def sampling_config(max_new_tokens: int, temperature: float, stop: list[str] | None, seed: int | None) -> SamplingConfig:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    return SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
-
-
 class RagBlend:
     """A store of documents with precomputed per-chunk KV, and a model to answer questions over it."""
 
     def __init__(self, store_dir: str | Path, model: str | Path | LoadedModel | None = None,
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
-                 index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None):
+                 index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
+                 session_ram_bytes: int = DEFAULT_RAM_BYTES):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
-        `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it."""
+        `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
+        `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it)."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
@@ -66,6 +66,8 @@ class RagBlend:
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
         self.requests = RequestPath(self.model, self.store, self.ingestor)
+        self._session_ram_bytes = session_ram_bytes
+        self._sessions: SessionManager | None = None
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False) -> list[str]:
         """Ingest documents (strings, dicts with `text` and optional `id`/`metadata`); returns their ids."""
@@ -97,6 +99,47 @@ class RagBlend:
     def stats(self):
         return self.store.stats()
 
+    # ---- conversations ------------------------------------------------------------------------
+
+    def chat(self, session_id: str | None = None, *, system: str | None = None, ttl_s: float = 3600,
+             create: bool = False, on_topic_switch: str = "keep", max_history_tokens: int | None = None) -> Chat:
+        """A new conversation (`session_id` None: an id is generated) or an existing one resumed from the
+        store; an unknown id raises SessionNotFoundError unless `create=True`. Its turns reuse the whole
+        history as stored KV; `on_topic_switch="drop"` forgets it when a question leaves the topic."""
+        manager = self.session_manager
+        record = manager.open(session_id, system, ttl_s, create)
+        return Chat(self, manager, record.id, on_topic_switch, max_history_tokens)
+
+    def end_session(self, session_id: str) -> bool:
+        """Drop a session's KV from every tier now; False if there was no such session."""
+        return self.session_manager.end(session_id)
+
+    def sessions(self) -> list[SessionInfo]:
+        """Every live session: id, turns, tokens, bytes, last used, tier (expired ones are swept first)."""
+        return self.session_manager.list()
+
+    @property
+    def session_manager(self) -> SessionManager:
+        if self._sessions is None:
+            store = SessionStore(self.store, self._session_ram_bytes)
+            self._sessions = SessionManager(store, self.requests, self.template, self._embed_one)
+            weakref.finalize(self, self._sessions.close)  # also at interpreter exit: pending saves finish
+        return self._sessions
+
+    def _embed_one(self, text: str):
+        return self.embedder.embed([text])[0]
+
+    def close(self) -> None:
+        """Wait for pending session saves and stop background work."""
+        if self._sessions is not None:
+            self._sessions.close()
+
+    def __enter__(self) -> RagBlend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- the online path ------------------------------------------------------------------------
 
     def query(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
@@ -110,7 +153,7 @@ class RagBlend:
         (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most
         (a float, or "auto" to pick it per query; `ans.timings["recompute_ratio"]` says which was used).
         """
-        sampling = sampling_config(max_new_tokens, temperature, stop, seed)
+        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
         prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
                                 check_layer=check_layer, blend=blend, load_depth=load_depth,
                                 reserve_tokens=max_new_tokens)

@@ -17,6 +17,10 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
 
 def pick_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
     if sampling.temperature <= 0:
@@ -44,6 +48,15 @@ def _eos_ids(model: LoadedModel) -> set[int]:
 
 
 @torch.inference_mode()
+def feed(model: LoadedModel, cache: DynamicCache, token_ids: list[int], start: int) -> torch.Tensor:
+    """Run `token_ids` at positions start.. over `cache` (which grows by them); the last one's logits."""
+    ids = torch.tensor([token_ids], device=model.device)
+    positions = torch.arange(start, start + len(token_ids), device=model.device)[None]
+    out = model.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+@torch.inference_mode()
 def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, prompt_len: int,
            sampling: SamplingConfig, generated: list[int]) -> Iterator[str]:
     """Yield text pieces; token ids accumulate in `generated`. Stops at EOS, a stop string or the budget."""
@@ -66,10 +79,7 @@ def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, 
             emitted = ready
         if step + 1 == sampling.max_new_tokens:
             break
-        position = torch.tensor([[prompt_len + step]], device=model.device)
-        out = model.model(input_ids=torch.tensor([[token]], device=model.device), cache=cache,
-                          position_ids=position, use_cache=True)
-        logits = out.logits[0, -1]
+        logits = feed(model, cache, [token], prompt_len + step)
     text = model.tokenizer.decode(generated, skip_special_tokens=True)
     if len(text) > emitted:
         yield text[emitted:]

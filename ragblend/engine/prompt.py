@@ -14,6 +14,7 @@ SYSTEM_PROMPT = "You are a helpful assistant that answers questions using the gi
 INSTRUCTION = "Answer the question using the passages below. Reply with a few words only.\n\n"
 CHUNK_SEPARATOR = "\n\n"
 _SLOT = "\x00QUESTION_SLOT\x00"
+_ANSWER_SLOT = "\x00ANSWER_SLOT\x00"
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,27 @@ class PromptTemplate:
     prefix_ids: tuple[int, ...]
     suffix_head: str  # text before the question
     suffix_tail: str  # text after the question (end of user turn + assistant header)
+    joint_ids: tuple[int, ...]  # after an answer: end of the assistant turn + the next user turn's header
     tokenizer: PreTrainedTokenizerBase
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "PromptTemplate":
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> "PromptTemplate":
+        """The template every chunk is precomputed behind; a conversation may bring its own `system` prompt."""
+        system = SYSTEM_PROMPT if system is None else system
         if tokenizer.chat_template:
-            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": INSTRUCTION + _SLOT}]
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": INSTRUCTION + _SLOT}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prefix_text, tail = text.split(_SLOT)
+            messages += [{"role": "assistant", "content": _ANSWER_SLOT}, {"role": "user", "content": _SLOT}]
+            joint = tokenizer.apply_chat_template(messages, tokenize=False).split(_ANSWER_SLOT)[1].split(_SLOT)[0]
         else:
-            prefix_text, tail = SYSTEM_PROMPT + "\n\n" + INSTRUCTION, "\nAnswer:"
+            prefix_text, tail, joint = system + "\n\n" + INSTRUCTION, "\nAnswer:", "\n\n"
         prefix_ids = tuple(tokenizer(prefix_text, add_special_tokens=False)["input_ids"])
         if tokenizer.bos_token_id is not None and not tokenizer.chat_template and getattr(tokenizer, "add_bos_token", False):
             prefix_ids = (tokenizer.bos_token_id, *prefix_ids)
-        return cls(prefix_ids=prefix_ids, suffix_head="Question: ", suffix_tail=tail, tokenizer=tokenizer)
+        joint_ids = tuple(tokenizer(joint, add_special_tokens=False)["input_ids"])
+        return cls(prefix_ids=prefix_ids, suffix_head="Question: ", suffix_tail=tail, joint_ids=joint_ids,
+                   tokenizer=tokenizer)
 
     def suffix_ids(self, question: str) -> list[int]:
         text = self.suffix_head + question.strip() + self.suffix_tail

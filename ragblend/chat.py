@@ -1,0 +1,54 @@
+"""`rb.chat(...)`: a conversation handle whose `send` is `query` with the session's history as stored KV."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ragblend.answer import Answer, AnswerStream
+from ragblend.engine.generate import SamplingConfig
+from ragblend.engine.selection import BlendConfig
+from ragblend.sessions import TOPIC_MODES, SessionManager, TurnRequest
+
+if TYPE_CHECKING:
+    from ragblend.api import RagBlend
+
+
+class Chat:
+    def __init__(self, rb: RagBlend, manager: SessionManager, session_id: str, on_topic_switch: str = "keep",
+                 max_history_tokens: int | None = None):
+        if on_topic_switch not in TOPIC_MODES:
+            raise ValueError(f"on_topic_switch must be one of {', '.join(TOPIC_MODES)}, got {on_topic_switch!r}")
+        if max_history_tokens is not None and max_history_tokens < 1:
+            raise ValueError(f"max_history_tokens must be >= 1, got {max_history_tokens}")
+        self._rb, self._manager, self.session_id = rb, manager, session_id
+        self.on_topic_switch, self.max_history_tokens = on_topic_switch, max_history_tokens
+
+    @property
+    def turns(self) -> int:
+        return len(self._manager.store.get(self.session_id).turns)
+
+    @property
+    def history_tokens(self) -> int:
+        """Tokens the next turn reuses as stored KV: the prompt prefix and every kept turn."""
+        record = self._manager.store.get(self.session_id)
+        template, _ = self._manager.prefix(record.system)
+        return len(template.prefix_ids) + record.history_tokens
+
+    def send(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
+             recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+             stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
+             blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None) -> Answer | AnswerStream:
+        """One turn: the same keywords and Answer as `query`, plus history timings
+        (`history_tokens`, `history_load_s`, `history_source`, `save_s` once the background save is done)."""
+        rb = self._rb
+        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
+        rb._validate_query(question, mode, top_k)
+        config = rb._blend_config(blend, recompute_ratio, check_layer)
+        start = time.perf_counter()
+        chunks = rb._contexts(question, contexts, top_k)
+        turn = TurnRequest(question, chunks, mode, config, sampling, load_depth, time.perf_counter() - start)
+        return self._manager.send(self.session_id, turn, self.on_topic_switch, self.max_history_tokens, stream)
+
+    def wait(self) -> None:
+        """Block until this session's last turn is saved."""
+        self._manager.wait(self.session_id)

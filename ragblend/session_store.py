@@ -1,0 +1,145 @@
+"""Where conversations live: one record per session in LMDB, one KV segment per turn on disk and in RAM.
+
+A segment is a turn's new tokens (its chunks after fusion, the question, the answer and the joint to the
+next user turn) with their KV, keys pre-RoPE, in the same record format as document chunks. Segments
+per turn rather than fixed-size blocks: turns are the unit that truncation, topic switches and saves
+add or drop, and what sessions share (the prompt prefix) is held once outside them.
+No model here: the CLI lists, ends and expires sessions with the store alone.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import lmdb
+
+from kvchunks.kvstore import KVStore
+from kvchunks.precompute import ChunkKV
+from kvchunks.tiers import RamTier
+from ragblend.store import Store, StoreMismatchError
+
+DEFAULT_RAM_BYTES = 512 << 20
+
+
+class SessionNotFoundError(KeyError):
+    """No session with this id (never created, ended or expired)."""
+
+
+@dataclass
+class Turn:
+    segment: int
+    token_ids: list[int]
+    chunk_ids: list[str]
+    question: str
+    embedding: list[float] = field(default_factory=list)  # the question's, kept for topic-switch checks
+    has_kv: bool = False  # False until the background save commits its segment
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    fingerprint: str
+    system: str | None
+    ttl_s: float
+    created: float
+    last_used: float
+    turns: list[Turn] = field(default_factory=list)
+    next_segment: int = 0
+
+    @property
+    def history_tokens(self) -> int:
+        return sum(len(t.token_ids) for t in self.turns)
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_used > self.ttl_s
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SessionRecord:
+        data = json.loads(bytes(raw))
+        data["turns"] = [Turn(**t) for t in data["turns"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    turns: int
+    tokens: int  # history tokens after the prompt prefix
+    bytes: int  # KV bytes of its turns (the shared prefix is not counted)
+    last_used: float
+    tier: str  # "ram" when every turn is in the RAM tier, else "disk"
+
+
+class SessionStore:
+    def __init__(self, store: Store, ram_bytes: int = DEFAULT_RAM_BYTES):
+        self.env = store.env
+        self.fingerprint = store.manifest.kv_fingerprint
+        self.db = self.env.open_db(b"sessions")
+        self.kv = KVStore(self.env, self.fingerprint, family="session")
+        self.ram = RamTier(ram_bytes)
+
+    @staticmethod
+    def segment_key(session_id: str, segment: int) -> str:
+        return f"{session_id}/{segment:06d}"
+
+    def read(self, txn: lmdb.Transaction, session_id: str) -> SessionRecord | None:
+        raw = txn.get(session_id.encode(), db=self.db)
+        return None if raw is None else SessionRecord.from_bytes(raw)
+
+    def get(self, session_id: str) -> SessionRecord:
+        """The session's record; refused if it was built for another model or prompt."""
+        with self.env.begin() as txn:
+            record = self.read(txn, session_id)
+        if record is None:
+            raise SessionNotFoundError(f"no session {session_id!r} (ended, expired or never created); "
+                                       "pass create=True to start one with this id")
+        if record.fingerprint != self.fingerprint:
+            raise StoreMismatchError(f"session {session_id!r} was saved for another model or prompt "
+                                     f"(fingerprint {record.fingerprint[:12]}, this store {self.fingerprint[:12]})")
+        return record
+
+    def write(self, txn: lmdb.Transaction, record: SessionRecord) -> None:
+        txn.put(record.id.encode(), record.to_bytes(), db=self.db)
+
+    def put_segment(self, txn: lmdb.Transaction, session_id: str, turn: Turn, kv: ChunkKV) -> None:
+        self.kv.put(txn, self.segment_key(session_id, turn.segment), kv)
+
+    def drop_turns(self, txn: lmdb.Transaction, session_id: str, turns: list[Turn]) -> None:
+        for turn in turns:
+            key = self.segment_key(session_id, turn.segment)
+            self.kv.delete(txn, key)
+            self.ram.drop(key)
+
+    def delete(self, session_id: str) -> bool:
+        """Drop a session's record and every segment, from both tiers; False if there was none."""
+        with self.env.begin(write=True) as txn:
+            record = self.read(txn, session_id)
+            if record is None:
+                return False
+            self.drop_turns(txn, session_id, record.turns)
+            txn.delete(session_id.encode(), db=self.db)
+        return True
+
+    def records(self) -> list[SessionRecord]:
+        with self.env.begin() as txn, txn.cursor(db=self.db) as cursor:
+            return [SessionRecord.from_bytes(raw) for _, raw in cursor]
+
+    def expire(self, now: float | None = None, busy: set[str] = frozenset()) -> list[str]:
+        """Delete sessions unused for longer than their TTL (except `busy` ones); their ids."""
+        now = time.time() if now is None else now
+        expired = [r.id for r in self.records() if r.expired(now) and r.id not in busy]
+        for session_id in expired:
+            self.delete(session_id)
+        return expired
+
+    def info(self, record: SessionRecord) -> SessionInfo:
+        keys = [self.segment_key(record.id, t.segment) for t in record.turns]
+        with self.env.begin() as txn:
+            metas = [self.kv.meta(txn, key) for key in keys]
+        stored = sum(m.layer_bytes * m.layers for m in metas if m is not None)
+        tier = "ram" if all(key in self.ram for key in keys) else "disk"
+        return SessionInfo(record.id, len(record.turns), record.history_tokens, stored, record.last_used, tier)

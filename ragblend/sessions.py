@@ -1,0 +1,315 @@
+"""Multi-turn conversations that never re-prefill their history (CachedAttention).
+
+Turn N+1 loads the stored KV of everything the model saw before (prompt prefix, earlier turns' chunks,
+questions and answers) as an exact prefix, places its new chunks after it with their stored KV and fuses
+them with the chosen mode, then the question. The turn's new KV is saved in the background: `send`
+returns while the save runs, and the next `send` of the session waits only if it has not finished.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from kvchunks.kvstore import StoredKV
+from kvchunks.precompute import ChunkKV
+from kvchunks.rope import unrotate
+from ragblend.answer import Answer, AnswerStream
+from ragblend.contexts import ContextChunk
+from ragblend.engine.fusion import Prefill
+from ragblend.engine.generate import SamplingConfig, feed
+from ragblend.engine.prompt import PromptTemplate
+from ragblend.engine.selection import BlendConfig
+from ragblend.request import History, PreparedPrompt, RequestPath
+from ragblend.session_store import SessionInfo, SessionRecord, SessionStore, Turn
+
+TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question (and no shared chunk), a turn is off-topic
+TOPIC_RECENT_TURNS = 2
+TOPIC_MODES = ("keep", "drop")
+SOURCES = ("ram", "disk", "recomputed")  # where a turn's history came from, fastest first
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One `send`, resolved: the question, its contexts and how to fuse and sample them."""
+
+    question: str
+    chunks: list[ContextChunk]
+    mode: str
+    blend: BlendConfig
+    sampling: SamplingConfig
+    load_depth: int = 2
+    retrieve_s: float = 0.0
+
+
+class SessionManager:
+    """Every open conversation of one RagBlend: their locks, pending saves, shared prefixes and TTL sweep."""
+
+    def __init__(self, sessions: SessionStore, requests: RequestPath, template: PromptTemplate,
+                 embed: Callable[[str], np.ndarray], sweep_every_s: float = 60.0):
+        self.store, self.requests, self.template, self.embed = sessions, requests, template, embed
+        self.model = requests.model
+        self._prefixes: dict[str | None, tuple[PromptTemplate, ChunkKV]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._pending: dict[str, Future] = {}
+        self._guard = threading.Lock()
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragblend-session-save")
+        self._closed = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(sweep_every_s,), daemon=True,
+                                         name="ragblend-session-ttl")
+        self._sweeper.start()
+
+    # ---- sessions as a whole ------------------------------------------------------------------
+
+    def open(self, session_id: str | None, system: str | None, ttl_s: float, create: bool) -> SessionRecord:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.sweep()
+        if session_id is not None and not create:
+            record = self.store.get(session_id)
+            if system is not None and system != record.system:
+                raise ValueError(f"session {session_id!r} was started with another system prompt")
+            return record
+        if session_id is not None and create:
+            with self.store.env.begin() as txn:
+                existing = self.store.read(txn, session_id)
+            if existing is not None:
+                return self.store.get(session_id)
+        now = time.time()
+        record = SessionRecord(session_id or uuid.uuid4().hex, self.store.fingerprint, system, ttl_s, now, now)
+        with self.store.env.begin(write=True) as txn:
+            self.store.write(txn, record)
+        return record
+
+    def end(self, session_id: str) -> bool:
+        with self._session_lock(session_id):
+            self.wait(session_id)
+            return self.store.delete(session_id)
+
+    def list(self) -> list[SessionInfo]:
+        self.sweep()
+        return [self.store.info(r) for r in self.store.records()]
+
+    def sweep(self) -> list[str]:
+        """Expire sessions idle past their TTL (never one in the middle of a turn)."""
+        with self._guard:
+            busy = {sid for sid, lock in self._locks.items() if lock.locked()}
+        return self.store.expire(busy=busy)
+
+    def wait(self, session_id: str | None = None) -> None:
+        """Block until the pending save of one session (or of all) has finished."""
+        with self._guard:
+            futures = [self._pending.get(session_id)] if session_id else list(self._pending.values())
+        for future in futures:
+            if future is not None:
+                future.result()
+
+    def close(self) -> None:
+        """Finish pending saves and stop background work; nothing acknowledged is lost."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._saver.shutdown(wait=True)
+        self._sweeper.join(timeout=5)
+
+    def _sweep_loop(self, every_s: float) -> None:
+        while not self._closed.wait(every_s):
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next period
+                warnings.warn(f"ragblend: session TTL sweep failed: {exc}", stacklevel=1)
+
+    def _session_lock(self, session_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(session_id, threading.Lock())
+
+    def prefix(self, system: str | None) -> tuple[PromptTemplate, ChunkKV]:
+        """The prompt template and prefix KV for a system prompt: computed once, shared by every session."""
+        with self._guard:
+            if system not in self._prefixes:
+                if system is None:
+                    self._prefixes[None] = (self.template, self.requests.ingestor.prefix_kv)
+                else:
+                    template = PromptTemplate.for_tokenizer(self.model.tokenizer, system)
+                    kv = self.requests.ingestor.compute([list(template.prefix_ids)], behind_prefix=False)[0]
+                    self._prefixes[system] = (template, kv)
+            return self._prefixes[system]
+
+    # ---- one turn -----------------------------------------------------------------------------
+
+    def send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+             stream: bool) -> Answer | AnswerStream:
+        lock = self._session_lock(session_id)
+        lock.acquire()
+        try:
+            self.wait(session_id)
+            result = self._send(session_id, turn, on_topic_switch, max_history_tokens, stream, lock.release)
+        except BaseException:
+            lock.release()
+            raise
+        if not stream:
+            lock.release()
+        return result
+
+    def _send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+              stream: bool, release: Callable[[], None]) -> Answer | AnswerStream:
+        record = self.store.get(session_id)
+        template, _ = self.prefix(record.system)
+        start = time.perf_counter()
+        embedding = self.embed(turn.question) if on_topic_switch == "drop" else None
+        switched = embedding is not None and self._off_topic(record, turn.chunks, embedding)
+        kept = [] if switched else list(record.turns)
+        in_history = {c for t in kept for c in t.chunk_ids}
+        chunks = _unique([c for c in turn.chunks if c.chunk_id not in in_history])
+        suffix = template.suffix_ids(turn.question)
+        new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
+        kept = self._fit(template, kept, new_tokens, turn.sampling.max_new_tokens, max_history_tokens)
+        history = self._history(record, kept)
+        loaded = time.perf_counter()
+        prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth,
+                                         turn.sampling.max_new_tokens + len(template.joint_ids))
+        prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
+                                history_source=history.source, topic_switch=float(switched),
+                                retrieve_s=turn.retrieve_s)
+        prepared.timings["ttft_s"] += loaded - start
+        saved = _TurnSave(self, session_id, prepared, chunks, turn.question, embedding,
+                          {t.segment for t in kept}, template)
+        answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=saved.commit)
+        return _released(answer, release) if stream else answer
+
+    def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
+        """No chunk shared with the recent turns and the question unlike all of theirs."""
+        recent = record.turns[-TOPIC_RECENT_TURNS:]
+        if not recent or {c.chunk_id for c in chunks} & {c for t in recent for c in t.chunk_ids}:
+            return False
+        earlier = [np.asarray(t.embedding) for t in recent if t.embedding]
+        return bool(earlier) and max(float(np.dot(embedding, e)) for e in earlier) < TOPIC_SIMILARITY
+
+    def _fit(self, template: PromptTemplate, turns: list[Turn], new_tokens: int, max_new_tokens: int,
+             max_history_tokens: int | None) -> list[Turn]:
+        """Drop the oldest turns (never the prefix) until history + new turn + answer fit the window."""
+        window = self.model.max_positions - new_tokens - max_new_tokens - len(template.joint_ids)
+        budget = min(window, max_history_tokens) if max_history_tokens is not None else window
+        budget -= len(template.prefix_ids)
+        turns = list(turns)
+        while turns and sum(len(t.token_ids) for t in turns) > budget:
+            turns.pop(0)
+        return turns
+
+    def _history(self, record: SessionRecord, turns: list[Turn]) -> History:
+        """Prefix + kept turns, each from RAM, else disk (read layer by layer by the loader), else recomputed;
+        `source` is the slowest of them."""
+        template, prefix_kv = self.prefix(record.system)
+        history = History(template.prefix_ids, [(0, prefix_kv)])
+        for turn in turns:
+            key = self.store.segment_key(record.id, turn.segment)
+            kv, source = self.store.ram.get(key), "ram"
+            if kv is None and turn.has_kv:
+                kv, source = StoredKV(self.store.kv, key), "disk"
+            if kv is None:
+                kv, source = self._recompute(record.id, history, turn), "recomputed"
+            history = History(history.token_ids + tuple(turn.token_ids),
+                              [*history.sources, (len(history.token_ids), kv)],
+                              max(history.source, source, key=SOURCES.index))
+        return history
+
+    def _recompute(self, session_id: str, history: History, turn: Turn) -> ChunkKV:
+        """A turn whose save never committed (a crash): prefill its tokens behind the history and store them."""
+        prepared = self.requests.prefill(history, [], turn.token_ids, "full", BlendConfig())
+        kv = segment_kv(self.requests, prepared.prefill.cache, len(history.token_ids), len(prepared.layout))
+        self._store_segment(session_id, turn, kv)
+        return kv
+
+    def _store_segment(self, session_id: str, turn: Turn, kv: ChunkKV) -> bool:
+        """Commit a turn's segment and mark it saved; False if the session ended meanwhile."""
+        with self.store.env.begin(write=True) as txn:
+            record = self.store.read(txn, session_id)
+            mine = [t for t in record.turns if t.segment == turn.segment] if record else []
+            if not mine:
+                txn.abort()
+                return False
+            self.store.put_segment(txn, session_id, turn, kv)
+            mine[0].has_kv = True
+            self.store.write(txn, record)
+        self.store.ram.put(self.store.segment_key(session_id, turn.segment), kv)
+        return True
+
+
+class _TurnSave:
+    """What a finished turn leaves behind: its record now (small, synchronous), its KV in the background."""
+
+    def __init__(self, manager: SessionManager, session_id: str, prepared: PreparedPrompt,
+                 chunks: list[ContextChunk], question: str, embedding: np.ndarray | None, kept: set[int],
+                 template: PromptTemplate):
+        self.manager, self.session_id, self.prepared = manager, session_id, prepared
+        self.chunks, self.question, self.embedding = chunks, question, embedding
+        self.kept, self.template = kept, template  # segments of the turns this one was answered after
+
+    def commit(self, answer: Answer, prefill: Prefill) -> None:
+        store = self.manager.store
+        history_len = int(answer.timings["history_tokens"])
+        tokens = list(self.prepared.layout.token_ids[history_len:]) + answer.token_ids + list(self.template.joint_ids)
+        with store.env.begin(write=True) as txn:
+            record = store.read(txn, self.session_id)
+            if record is None:  # ended while this turn ran
+                txn.abort()
+                return
+            turn = Turn(record.next_segment, tokens, [c.chunk_id for c in self.chunks], self.question,
+                        [] if self.embedding is None else self.embedding.tolist())
+            store.drop_turns(txn, self.session_id, [t for t in record.turns if t.segment not in self.kept])
+            kept = [t for t in record.turns if t.segment in self.kept]
+            record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())
+            store.write(txn, record)
+        future = self.manager._saver.submit(self._save, answer, prefill.cache, history_len, turn)
+        with self.manager._guard:
+            self.manager._pending[self.session_id] = future
+
+    def _save(self, answer: Answer, cache: DynamicCache, start: int, turn: Turn) -> None:
+        began = time.perf_counter()
+        try:
+            cached = cache.get_seq_length()
+            tail = turn.token_ids[cached - start:]  # the last answer token and the joint were never fed
+            if tail:
+                feed(self.manager.model, cache, tail, cached)
+            kv = segment_kv(self.manager.requests, cache, start, start + len(turn.token_ids))
+            self.manager._store_segment(self.session_id, turn, kv)
+        except Exception as exc:  # noqa: BLE001 - the turn stays unsaved and is recomputed when next needed
+            warnings.warn(f"ragblend: saving a turn of session {self.session_id} failed ({exc}); "
+                          "it will be recomputed on the next turn", stacklevel=1)
+        answer.timings["save_s"] = time.perf_counter() - began
+
+
+@torch.inference_mode()
+def segment_kv(requests: RequestPath, cache: DynamicCache, start: int, end: int) -> ChunkKV:
+    """Rows [start, end) of a cache as a stored segment: keys back to pre-RoPE, fp16 on the CPU."""
+    cos, sin = requests.engine.rotary(end)
+    cos, sin = cos[:, start:end], sin[:, start:end]
+    keys = torch.stack([unrotate(layer.keys[0, :, start:end], cos, sin) for layer in cache.layers])
+    values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
+    return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))
+
+
+def _unique(chunks: list[ContextChunk]) -> list[ContextChunk]:
+    seen: set[str] = set()
+    return [c for c in chunks if not (c.chunk_id in seen or seen.add(c.chunk_id))]
+
+
+def _released(stream: AnswerStream, release: Callable[[], None]) -> AnswerStream:
+    """The stream holds its session until it is consumed or closed."""
+    pieces = iter(stream)
+
+    def guarded() -> Iterator[str]:
+        try:
+            yield from pieces
+        finally:
+            release()
+
+    return AnswerStream(guarded(), lambda _text: stream.answer)
