@@ -1,4 +1,4 @@
-"""`ragblend` command line: ingest, stats, query, eval."""
+"""`ragblend` command line: ingest, stats, query, eval, sessions."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,36 @@ def _query(args: argparse.Namespace) -> None:
     for ref in answer.chunks:
         print(f"   {ref.score:.3f}  {ref.doc_id}  ({ref.tokens} tokens, chunk {ref.chunk_id[:12]})")
     print("   " + "  ".join(f"{k}={v * 1000:.0f}ms" for k, v in answer.timings.items()))
+
+
+def _sessions(args: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from ragblend.session_store import SessionStore
+    from ragblend.store import Store
+
+    if not (Path(args.store) / "data.mdb").is_file():
+        raise FileNotFoundError(f"no ragblend store at {args.store}")
+    store = Store(args.store)
+    if store.manifest is None:
+        raise ValueError(f"{args.store} holds no ragblend store yet")
+    sessions = SessionStore(store)
+    if args.action == "end":
+        if not args.id:
+            raise ValueError("sessions end needs a session id")
+        if not sessions.delete(args.id):
+            raise KeyError(f"no session {args.id!r}")
+        print(f"ended {args.id}")
+    elif args.action == "gc":
+        expired = sessions.expire()
+        print(f"expired {len(expired)} idle sessions" + (f": {', '.join(expired)}" if expired else ""))
+    else:
+        now = time.time()
+        for record in sessions.records():
+            info = sessions.info(record)
+            print(f"{info.id}  {info.turns} turns  {info.tokens:,} tokens  {info.bytes / 1e6:,.1f} MB  "
+                  f"idle {now - info.last_used:,.0f}s of {record.ttl_s:,.0f}s")
 
 
 def _ratio(text: str) -> float | str:
@@ -161,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--store", required=True)
     stats.add_argument("--check", action="store_true", help="also verify every record (checksums, links)")
     stats.set_defaults(run=_stats)
+
+    sessions = commands.add_parser("sessions", help="list, end or expire conversations",
+                                   description="Conversations saved in a store: list them, end one (drops its KV), "
+                                               "or gc (drops every session idle past its TTL).")
+    sessions.add_argument("action", choices=["list", "end", "gc"])
+    sessions.add_argument("id", nargs="?", help="session id (for end)")
+    sessions.add_argument("--store", required=True)
+    sessions.set_defaults(run=_sessions)
     return parser
 
 

@@ -265,3 +265,21 @@ def test_ram_tier_evicts_least_recently_used_within_its_budget():
     tier.put("huge", kv(100))
     assert "huge" not in tier and tier.bytes <= tier.max_bytes
     assert (tier.hits, tier.misses) == (1, 0)
+
+
+def test_cli_lists_ends_and_expires_sessions(rb, capsys):
+    from ragblend.cli import main
+
+    kept, idle = rb.chat(), rb.chat(ttl_s=0.2)
+    kept.send("Who built the lighthouse?", contexts=PASSAGES[:1], max_new_tokens=3)
+    kept.wait()
+    main(["sessions", "list", "--store", str(rb.store.path)])
+    listed = capsys.readouterr().out
+    assert kept.session_id in listed and "1 turns" in listed
+    time.sleep(0.4)
+    main(["sessions", "gc", "--store", str(rb.store.path)])
+    assert idle.session_id in capsys.readouterr().out
+    main(["sessions", "end", kept.session_id, "--store", str(rb.store.path)])
+    assert rb.sessions() == []
+    with pytest.raises(SystemExit):
+        main(["sessions", "end", "nobody", "--store", str(rb.store.path)])
