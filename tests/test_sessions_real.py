@@ -9,7 +9,7 @@ from test_integration_real import DOCUMENTS
 
 pytestmark = pytest.mark.integration
 
-TURNS = ["Where is the largest coral reef in the world?", "What has damaged it?",
+TURNS = ["Where is the largest coral reef in the world?", "What has damaged the coral reef?",
          "How do plants make sugar from light?"]
 
 
