@@ -56,6 +56,11 @@ class RamTier:
         with self._lock:
             self._pop(key)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
     def _pop(self, key: str) -> None:
         kv = self._entries.pop(key, None)
         if kv is not None:

@@ -59,9 +59,10 @@ class RequestPath:
         if len(layout) + reserve_tokens > self.model.max_positions:
             raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
-        self.ensure_kv(chunks)
+        stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
+        self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes every chunk
         prepared = time.perf_counter()
-        prefill = self._run_engine(layout, history, mode, blend, load_depth)
+        prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
         prefill.timings["fuse_s"] = time.perf_counter() - prepared
         timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start}
         return PreparedPrompt(layout, prefill, chunks, timings)
@@ -98,14 +99,12 @@ class RequestPath:
             for chunk_id, kv in zip(missing, kvs):
                 self.store.kv.put(txn, chunk_id, kv)
 
-    def _run_engine(self, layout: PromptLayout, history: History, mode: str, blend: BlendConfig,
-                    depth: int) -> Prefill:
+    def _run_engine(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
+                    blend: BlendConfig, depth: int) -> Prefill:
         """`full` without earlier turns is the model's own forward (the reference); every other case
-        loads the history and the mode's stored chunks and computes the rest."""
+        loads the history and the first `stored_spans` - 1 chunks and computes the rest."""
         if mode == "full" and history.is_prefix_only:
             return self.engine.full_prefill(layout)
-        stored_spans = {"full": 1, "prefix": 2}.get(mode, len(layout.spans))
-        stored_spans = min(stored_spans, len(layout.spans))
         sources = history.sources + [(s.start, StoredKV(self.store.kv, s.key)) for s in layout.spans[1:stored_spans]]
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.env, sources, len(layout), cos, sin, self.model.num_layers,

@@ -1,0 +1,225 @@
+"""Multi-turn sessions on MuSiQue passages: saved history vs re-prefilling the whole conversation.
+
+    python benchmarks/sessions.py [--sections ttft,identical,truncation,tiers,topic] [--write-docs]
+
+ttft: turn-N TTFT with the history from RAM and from disk vs a full prefill of the same conversation,
+      at growing history sizes (medians over repeats; the new turn is one passage + question, mode full).
+identical: conversations x turns (2 passages a turn, mode full): answer identical to greedy decoding
+      after a full prefill of the whole conversation.
+truncation: the same with a small max_history_tokens: answers vs a fresh prefill of the truncated
+      conversation (the quality cost of re-positioning kept turns instead of recomputing them).
+tiers: sessions interleaved at random with a RAM budget that holds a fifth of them: RAM hit rate, RSS.
+topic: every turn a new MuSiQue question, on_topic_switch keep vs drop: prompt tokens, TTFT, F1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docsection import machine, replace_section
+
+from ragblend.api import RagBlend
+from ragblend.cli import EVAL_CHUNK_TOKENS
+from ragblend.engine.generate import SamplingConfig, decode
+from ragblend.engine.layout import PromptLayout
+from ragblend.eval.metrics import best_f1, first_token_kl
+
+MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "musique_s.json"
+
+
+def passages(record: dict, count: int) -> list[str]:
+    return [f"{c['title']}\n{c['text']}" for c in record["ctxs"][:count]]
+
+
+def conversation_ids(rb: RagBlend, session_id: str) -> list[int]:
+    record = rb.session_manager.store.get(session_id)
+    return list(rb.session_manager.prefix(record.system)[0].prefix_ids) + [t for turn in record.turns for t in turn.token_ids]
+
+
+def turn_prompt(rb: RagBlend, session_id: str, answer) -> list[int]:
+    """The exact prompt a turn was answered from: the history it kept (dropped turns are gone from the
+    record by then) and the turn's new tokens."""
+    history = int(answer.timings["history_tokens"])
+    newest = rb.session_manager.store.get(session_id).turns[-1]
+    return conversation_ids(rb, session_id)[:history] + newest.token_ids[: answer.prompt_tokens - history]
+
+
+def full_answer(rb: RagBlend, ids: list[int], max_new_tokens: int):
+    """Full prefill of `ids` then greedy decoding: the reference a session turn is compared with."""
+    start = time.perf_counter()
+    prefill = rb.requests.engine.full_prefill(PromptLayout.build(tuple(ids), [], []))
+    ttft = time.perf_counter() - start
+    generated: list[int] = []
+    for _ in decode(rb.model, prefill.cache, prefill.logits, len(ids), SamplingConfig(max_new_tokens), generated):
+        pass
+    return generated, prefill.logits, ttft
+
+
+def section_ttft(rb: RagBlend, records: list[dict], sizes: list[int], repeats: int) -> str:
+    chat = rb.chat()
+    feed = iter(records)
+    rows = []
+    for size in sizes:
+        while chat.history_tokens < size - 300:
+            record = next(feed)
+            chat.send(record["question"], contexts=passages(record, 4), mode="reuse", max_new_tokens=8)
+        measured = {"ram": [], "disk": []}
+        for tier in ("ram", "disk") * repeats:
+            record = next(feed)
+            chat.wait()
+            if tier == "disk":
+                rb.session_manager.store.ram.clear()
+            answer = chat.send(record["question"], contexts=passages(record, 1), mode="full", max_new_tokens=1)
+            assert answer.timings["history_source"] == tier, answer.timings["history_source"]
+            measured[tier].append((answer.ttft_s, answer.timings["load_exposed_s"], answer.timings["history_tokens"]))
+        prompt = turn_prompt(rb, chat.session_id, answer)
+        recompute = statistics.median(full_answer(rb, prompt, 1)[2] for _ in range(2))
+        ram = statistics.median(t for t, _, _ in measured["ram"])
+        disk = statistics.median(t for t, _, _ in measured["disk"])
+        exposed = statistics.median(e for _, e, _ in measured["disk"])
+        history = statistics.median(h for _, _, h in measured["ram"] + measured["disk"])
+        rows.append(f"| ~{size:,} | {history:,.0f} | {recompute:.2f} | {ram:.3f} | {ram / recompute:.3f} | "
+                    f"{disk:.3f} | {disk / recompute:.3f} | {exposed * 1000:.0f} ms |")
+        print(rows[-1], flush=True)
+    rb.end_session(chat.session_id)
+    return ("| history (target) | history tokens | recompute TTFT s | RAM TTFT s | RAM / recompute | disk TTFT s | "
+            "disk / recompute | disk load exposed |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def section_identical(rb: RagBlend, records: list[dict], conversations: int, turns: int,
+                      max_history_tokens: int | None = None) -> tuple[str, dict]:
+    same, kls, truncated = [], [], 0
+    for c in range(conversations):
+        chat = rb.chat(max_history_tokens=max_history_tokens)
+        for record in records[c * turns:(c + 1) * turns]:
+            before = len(conversation_ids(rb, chat.session_id))
+            answer = chat.send(record["question"], contexts=passages(record, 2), mode="full", max_new_tokens=16)
+            truncated += answer.timings["history_tokens"] < before
+            reference, logits, _ = full_answer(rb, turn_prompt(rb, chat.session_id, answer), 16)
+            same.append(answer.token_ids == reference)
+            kls.append(first_token_kl(logits, answer.first_token_logits))
+        rb.end_session(chat.session_id)
+    stats = {"turns": len(same), "identical": statistics.mean(same), "kl": statistics.mean(kls),
+             "truncated_turns": truncated}
+    line = (f"{stats['turns']} turns ({conversations} conversations x {turns}), "
+            f"{'max_history_tokens ' + str(max_history_tokens) + ', ' if max_history_tokens else ''}"
+            f"{truncated} turns truncated: answer identical to the reference in **{stats['identical']:.0%}**, "
+            f"mean first-token KL {stats['kl']:.2e}")
+    print(line, flush=True)
+    return line, stats
+
+
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory: the heap, without LMDB's file-backed pages (the page cache's to manage)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def section_tiers(rb: RagBlend, records: list[dict], sessions: int, turns: int, fit: int, seed: int = 0) -> str:
+    ids = [rb.chat().session_id for _ in range(sessions)]
+    schedule = [sid for sid in ids for _ in range(turns)]
+    random.Random(seed).shuffle(schedule)
+    # the budget: `fit` sessions of average size, measured on a probe conversation of the same shape
+    probe = rb.chat()
+    for record in records[:turns]:
+        probe.send(record["question"], contexts=passages(record, 1), mode="reuse", max_new_tokens=4)
+    probe.wait()
+    per_session = next(s.bytes for s in rb.sessions() if s.id == probe.session_id)
+    rb.end_session(probe.session_id)
+    manager = rb.session_manager
+    manager.store.ram.max_bytes = budget = fit * per_session
+    manager.store.ram.clear()
+    base_rss, peak_rss = anon_rss_bytes(), 0
+    sources, chats = [], {sid: rb.chat(sid) for sid in ids}
+    for step, sid in enumerate(schedule):
+        record = records[step % len(records)]
+        answer = chats[sid].send(record["question"], contexts=passages(record, 1), mode="reuse", max_new_tokens=4)
+        if answer.timings["history_tokens"] > len(rb.template.prefix_ids):
+            sources.append(answer.timings["history_source"])
+        peak_rss = max(peak_rss, anon_rss_bytes())
+    manager.wait()
+    for sid in ids:
+        rb.end_session(sid)
+    hits = sources.count("ram") / len(sources)
+    return (f"{sessions} sessions x {turns} turns interleaved at random, RAM budget {budget / 1e6:.0f} MB "
+            f"(~{fit} sessions of {per_session / 1e6:.1f} MB): history from RAM in **{hits:.0%}** of "
+            f"{len(sources)} follow-up turns (disk otherwise, never recomputed: "
+            f"{sources.count('recomputed')}); RAM tier held {manager.store.ram.bytes / 1e6:.0f} MB at the end, "
+            f"{manager.store.ram.evictions} evictions; anonymous RSS peaked {(peak_rss - base_rss) / 1e6:.0f} MB "
+            f"above its level before the run (budget {budget / 1e6:.0f} MB + one turn's prefill and decode caches)")
+
+
+def section_topic(rb: RagBlend, records: list[dict], conversations: int, turns: int) -> str:
+    results = {}
+    for policy in ("keep", "drop"):
+        tokens, ttfts, f1s, switches = [], [], [], 0
+        for c in range(conversations):
+            chat = rb.chat(on_topic_switch=policy)
+            for record in records[c * turns:(c + 1) * turns]:
+                answer = chat.send(record["question"], contexts=passages(record, 2), mode="full", max_new_tokens=16)
+                tokens.append(answer.prompt_tokens)
+                ttfts.append(answer.ttft_s)
+                f1s.append(best_f1(answer.text, record["answers"]))
+                switches += int(answer.timings["topic_switch"])
+            rb.end_session(chat.session_id)
+        results[policy] = (statistics.mean(tokens), statistics.median(ttfts), statistics.mean(f1s), switches)
+    rows = [f"| {p} | {t:,.0f} | {ttft:.2f} | {f1:.3f} | {s} |" for p, (t, ttft, f1, s) in results.items()]
+    return (f"{conversations} conversations x {turns} turns, each turn an unrelated MuSiQue question:\n\n"
+            "| on_topic_switch | mean prompt tokens | median TTFT s | token F1 | switches detected |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="ttft,identical,truncation,tiers,topic")
+    parser.add_argument("--sizes", default="1024,2048,4096,7168", help="history sizes for the ttft section")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=20)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    if not MUSIQUE.is_file():
+        print(f"skipping: evaluation data not found at {MUSIQUE}")
+        return
+    records = json.loads(MUSIQUE.read_text())
+    wanted = args.sections.split(",")
+    parts = [f"Machine: {machine()}.\n"]
+    with tempfile.TemporaryDirectory() as folder:
+        rb = RagBlend(Path(folder) / "store", chunk_tokens=EVAL_CHUNK_TOKENS)
+        if "ttft" in wanted:
+            sizes = [int(s) for s in args.sizes.split(",")]
+            parts.append("Turn-N TTFT, saved history vs re-prefilling the whole conversation:\n\n"
+                         + section_ttft(rb, records, sizes, args.repeats))
+        if "identical" in wanted:
+            parts.append("Saved history vs full recompute of the whole conversation: "
+                         + section_identical(rb, records, args.conversations, args.turns)[0])
+        if "truncation" in wanted:
+            parts.append("Truncation (oldest turns dropped, kept turns re-positioned, not recomputed) vs a fresh "
+                         "prefill of the truncated conversation: "
+                         + section_identical(rb, records, args.conversations // 2, args.turns, 1500)[0])
+        if "tiers" in wanted:
+            parts.append("RAM tier: " + section_tiers(rb, records, 50, 3, 10))
+        if "topic" in wanted:
+            parts.append("Topic switches: " + section_topic(rb, records, args.conversations // 4, args.turns))
+        rb.close()
+    command = f"python benchmarks/sessions.py --sections {args.sections}"
+    body = "\n\n".join(parts) + f"\n\nCommand: `{command}`"
+    print(body)
+    if args.write_docs:
+        replace_section("sessions", "## Sessions: multi-turn KV reuse\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()
