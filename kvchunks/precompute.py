@@ -6,6 +6,7 @@ without invalidating it. Values are position-free already.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -33,16 +34,19 @@ def capture_kv_projections(layers: torch.nn.ModuleList) -> Iterator[list[dict[st
     """Record every layer's pre-RoPE keys and values during a forward.
 
     Keys are taken after `k_norm` where the architecture has one (Qwen3, OLMo2: normalised before
-    RoPE), else at `k_proj`; values at `v_proj`.
+    RoPE), else at `k_proj`; values at `v_proj`. Only this thread's forward is recorded: the same
+    model may be running another request (or a session save) on another thread meanwhile.
     """
     captured: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    owner = threading.get_ident()
     handles = []
     for store, layer in zip(captured, layers):
         attention = layer.self_attn
         key_module = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
         for name, module in (("keys", key_module), ("values", attention.v_proj)):
             def hook(_module, _inputs, output, store=store, name=name):
-                store[name] = output
+                if threading.get_ident() == owner:
+                    store[name] = output
             handles.append(module.register_forward_hook(hook))
     try:
         yield captured

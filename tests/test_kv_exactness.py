@@ -191,3 +191,27 @@ def test_a_model_with_a_key_norm_gets_exact_kv_or_is_refused(tmp_path, smollm_di
     cache = case.reference_cache(chunk)
     for layer in range(model.num_layers):
         assert_matches_fp16(rotate_to(stored.keys[layer], model, case.P), cache.layers[layer].keys[0, :, case.P:])
+
+
+def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
+    """A session save or another request may run the model while a chunk's KV is captured."""
+    import threading
+
+    ids = list(range(100, 140))
+    alone = compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0]
+    stop = threading.Event()
+
+    def other_requests():
+        with torch.inference_mode():
+            while not stop.is_set():
+                tiny_model.model(torch.tensor([[5, 6, 7]]))
+
+    thread = threading.Thread(target=other_requests)
+    thread.start()
+    try:
+        during = [compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0] for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    for kv in during:
+        assert torch.equal(kv.keys, alone.keys) and torch.equal(kv.values, alone.values)
