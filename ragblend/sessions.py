@@ -31,7 +31,7 @@ from ragblend.engine.selection import BlendConfig
 from ragblend.request import History, PreparedPrompt, RequestPath
 from ragblend.session_store import SessionInfo, SessionRecord, SessionStore, Turn
 
-TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question (and no shared chunk), a turn is off-topic
+TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question+answer (and no shared chunk): off-topic
 TOPIC_RECENT_TURNS = 2
 TOPIC_MODES = ("keep", "drop")
 SOURCES = ("ram", "disk", "recomputed")  # where a turn's history came from, fastest first
@@ -186,7 +186,7 @@ class SessionManager:
         return _released(answer, release) if stream else answer
 
     def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
-        """No chunk shared with the recent turns and the question unlike all of theirs."""
+        """No chunk shared with the recent turns and the question unlike each of their question+answer."""
         recent = record.turns[-TOPIC_RECENT_TURNS:]
         if not recent or {c.chunk_id for c in chunks} & {c for t in recent for c in t.chunk_ids}:
             return False
@@ -263,7 +263,7 @@ class _TurnSave:
                 txn.abort()
                 return
             turn = Turn(record.next_segment, tokens, [c.chunk_id for c in self.chunks], self.question,
-                        [] if self.embedding is None else self.embedding.tolist())
+                        self._topic_embedding(answer))
             store.drop_turns(txn, self.session_id, [t for t in record.turns if t.segment not in self.kept])
             kept = [t for t in record.turns if t.segment in self.kept]
             record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())
@@ -271,6 +271,13 @@ class _TurnSave:
         future = self.manager._saver.submit(self._save, answer, prefill.cache, history_len, turn)
         with self.manager._guard:
             self.manager._pending[self.session_id] = future
+
+    def _topic_embedding(self, answer: Answer) -> list[float]:
+        """What later questions are compared with: this turn's question and answer together (a follow-up
+        often names what the answer said, not what the question did)."""
+        if self.embedding is None:
+            return []
+        return self.manager.embed(f"{self.question}\n{answer.text}").tolist()
 
     def _save(self, answer: Answer, cache: DynamicCache, start: int, turn: Turn) -> None:
         began = time.perf_counter()
