@@ -283,3 +283,16 @@ def test_cli_lists_ends_and_expires_sessions(rb, capsys):
     assert rb.sessions() == []
     with pytest.raises(SystemExit):
         main(["sessions", "end", "nobody", "--store", str(rb.store.path)])
+
+
+def test_a_session_saved_for_another_model_is_refused(rb):
+    from ragblend import StoreMismatchError
+
+    chat = rb.chat()
+    store = rb.session_manager.store
+    with store.env.begin(write=True) as txn:
+        record = store.read(txn, chat.session_id)
+        record.fingerprint = "0" * 32
+        store.write(txn, record)
+    with pytest.raises(StoreMismatchError, match="another model"):
+        rb.chat(chat.session_id)
