@@ -22,6 +22,7 @@ class DocRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
     tokens: int = 0
+    pinned: bool = False  # its chunks' KV is never evicted
 
 
 @dataclass
@@ -102,6 +103,10 @@ class DocStore:
     def chunk_records(self, txn: lmdb.Transaction) -> list[ChunkRecord]:
         with txn.cursor(db=self.chunks_db) as cursor:
             return [ChunkRecord(**json.loads(bytes(value))) for value in cursor.iternext(keys=False)]
+
+    def doc_records(self, txn: lmdb.Transaction) -> list[DocRecord]:
+        with txn.cursor(db=self.docs_db) as cursor:
+            return [DocRecord(**json.loads(bytes(value))) for value in cursor.iternext(keys=False)]
 
     def count_docs(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self.docs_db)["entries"]

@@ -120,6 +120,24 @@ class KVStore:
                 return []
             return [bytes(key)[len(prefix):].decode() for key in cursor.iternext(values=False) if bytes(key).startswith(prefix)]
 
+    def foreign(self, txn: lmdb.Transaction) -> list[tuple[bytes, int]]:
+        """(metadata key, payload bytes) of every record written under another fingerprint."""
+        own = f"{self.fingerprint}/".encode()
+        found = []
+        with txn.cursor(db=self.meta_db) as cursor:
+            for key, raw in cursor:
+                if not bytes(key).startswith(own):
+                    meta = KVMeta(**json.loads(bytes(raw)))
+                    found.append((bytes(key), meta.layer_bytes * meta.layers))
+        return found
+
+    def delete_foreign(self, txn: lmdb.Transaction, meta_key: bytes) -> None:
+        """Drop a foreign record's layers (keys `<meta key>/<layer>`) and its metadata."""
+        meta = KVMeta(**json.loads(bytes(txn.get(meta_key, db=self.meta_db))))
+        for layer in range(meta.layers):
+            txn.delete(meta_key + f"/{layer:04d}".encode(), db=self.kv_db)
+        txn.delete(meta_key, db=self.meta_db)
+
     def verify(self, txn: lmdb.Transaction, chunk_id: str) -> list[str]:
         """Problems with one chunk's records (missing layer, wrong size, checksum mismatch)."""
         meta = self.meta(txn, chunk_id)

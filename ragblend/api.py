@@ -43,10 +43,12 @@ class RagBlend:
     def __init__(self, store_dir: str | Path, model: str | Path | LoadedModel | None = None,
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
-                 session_ram_bytes: int = DEFAULT_RAM_BYTES):
+                 session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
         `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
-        `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it)."""
+        `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
+        `kv_max_bytes`: a budget for chunk KV, kept in the store (least recently used KV is evicted and
+        recomputed when next retrieved); None keeps the store's setting (unbounded unless set)."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
@@ -65,6 +67,8 @@ class RagBlend:
             index_kind=index_kind or (existing.index_kind if existing else "flat"),
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
+        if kv_max_bytes is not None:
+            self.store.set_kv_max_bytes(kv_max_bytes)
         self.requests = RequestPath(self.model, self.store, self.ingestor)
         self._session_ram_bytes = session_ram_bytes
         self._sessions: SessionManager | None = None
@@ -80,6 +84,16 @@ class RagBlend:
 
     def delete_documents(self, ids: Iterable[str]) -> None:
         self.ingestor.delete(list(ids))
+
+    def pin(self, doc_ids: Iterable[str]) -> None:
+        """Keep these documents' KV present and never evict it (KV evicted earlier is recomputed now);
+        PinnedOverBudgetError, and nothing pinned, if pinned KV would exceed the budget."""
+        ids = list(doc_ids)
+        self.requests.ensure_kv(self._document_chunks(ids))
+        self.store.set_pinned(ids, True)
+
+    def unpin(self, doc_ids: Iterable[str]) -> None:
+        self.store.set_pinned(list(doc_ids), False)
 
     def search(self, question: str, top_k: int = 4) -> list[SearchHit]:
         """The `top_k` chunks most similar to `question` (cosine), best first."""
@@ -130,9 +144,10 @@ class RagBlend:
         return self.embedder.embed([text])[0]
 
     def close(self) -> None:
-        """Wait for pending session saves and stop background work."""
+        """Wait for pending session saves, record KV uses, and stop background work."""
         if self._sessions is not None:
             self._sessions.close()
+        self.store.enforce_budget()
 
     def __enter__(self) -> RagBlend:
         return self
@@ -208,6 +223,15 @@ class RagBlend:
         for item in contexts:
             chunks.extend(self._context(item))
         return chunks
+
+    def _document_chunks(self, doc_ids: list[str]) -> list[ContextChunk]:
+        with self.store.env.begin() as txn:
+            docs = {d: self.store.docs.get_doc(txn, d) for d in doc_ids}
+            unknown = [d for d, record in docs.items() if record is None]
+            if unknown:
+                raise KeyError(f"unknown document ids: {', '.join(unknown)}")
+            records = [self.store.docs.get_chunk(txn, c) for doc in docs.values() for c in doc.chunk_ids]
+        return [ContextChunk(r.chunk_id, tuple(r.token_ids), r.text, r.doc_id) for r in records]
 
     def _context(self, item) -> list[ContextChunk]:
         """A SearchHit, a LangChain Document (its stored chunk is reused when it names one) or a string."""

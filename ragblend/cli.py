@@ -15,17 +15,27 @@ def _ingest(args: argparse.Namespace) -> None:
 
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                  index_kind=args.index)
+                  index_kind=args.index, kv_max_bytes=args.kv_max_bytes)
     report = rb.ingest(docs, progress=True)
+    if args.pin:
+        rb.pin([d.id for d in docs])
+    rb.close()
     print(report.summary())
     print("\n".join(rb.stats().lines()))
 
 
 def _stats(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
     from ragblend.store import Store
 
     store = Store(args.store, readonly=True)
-    print("\n".join(store.stats().lines()))
+    stats = store.stats()
+    if args.json:
+        print(json.dumps(asdict(stats)))
+        return
+    print("\n".join(stats.lines()))
     if args.check:
         problems = store.check()
         print("\n".join(problems) if problems else "consistency check: ok")
@@ -55,17 +65,10 @@ def _query(args: argparse.Namespace) -> None:
 
 def _sessions(args: argparse.Namespace) -> None:
     import time
-    from pathlib import Path
 
     from ragblend.session_store import SessionStore
-    from ragblend.store import Store
 
-    if not (Path(args.store) / "data.mdb").is_file():
-        raise FileNotFoundError(f"no ragblend store at {args.store}")
-    store = Store(args.store)
-    if store.manifest is None:
-        raise ValueError(f"{args.store} holds no ragblend store yet")
-    sessions = SessionStore(store)
+    sessions = SessionStore(_existing_store(args.store))
     if args.action == "end":
         if not args.id:
             raise ValueError("sessions end needs a session id")
@@ -81,6 +84,26 @@ def _sessions(args: argparse.Namespace) -> None:
             info = sessions.info(record)
             print(f"{info.id}  {info.turns} turns  {info.tokens:,} tokens  {info.bytes / 1e6:,.1f} MB  "
                   f"idle {now - info.last_used:,.0f}s of {record.ttl_s:,.0f}s")
+
+
+def _existing_store(path: str):
+    """A store to maintain (writable), refusing a folder that holds none rather than creating one."""
+    from pathlib import Path
+
+    from ragblend.store import Store
+
+    if not (Path(path) / "data.mdb").is_file():
+        raise FileNotFoundError(f"no ragblend store at {path}")
+    store = Store(path)
+    if store.manifest is None:
+        raise ValueError(f"{path} holds no ragblend store yet")
+    return store
+
+
+def _gc(args: argparse.Namespace) -> None:
+    from ragblend.maintenance import collect_garbage
+
+    print(collect_garbage(_existing_store(args.store), dry_run=args.dry_run).summary())
 
 
 def _ratio(text: str) -> float | str:
@@ -153,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--embedder", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     ingest.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default 256, or the store's)")
     ingest.add_argument("--index", choices=["flat", "hnsw"], help="vector index: exact flat (default) or approximate hnsw")
+    ingest.add_argument("--kv-max-bytes", type=int, help="budget for chunk KV, kept in the store; least recently used "
+                                                         "KV is evicted beyond it (text and embeddings stay)")
+    ingest.add_argument("--pin", action="store_true", help="never evict these documents' KV")
     ingest.set_defaults(run=_ingest)
 
     query = commands.add_parser("query", help="answer a question from the store",
@@ -190,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="what a store holds", description="Print what a store holds.")
     stats.add_argument("--store", required=True)
     stats.add_argument("--check", action="store_true", help="also verify every record (checksums, links)")
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     stats.set_defaults(run=_stats)
 
     sessions = commands.add_parser("sessions", help="list, end or expire conversations",
@@ -199,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("id", nargs="?", help="session id (for end)")
     sessions.add_argument("--store", required=True)
     sessions.set_defaults(run=_sessions)
+
+    gc = commands.add_parser("gc", help="remove unreachable records and report the bytes freed",
+                             description="Remove unreferenced chunks, orphan KV records, KV of other model "
+                                         "fingerprints and expired sessions.")
+    gc.add_argument("--store", required=True)
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    gc.set_defaults(run=_gc)
     return parser
 
 

@@ -178,6 +178,7 @@ class Ingestor:
                 dead.append(cid)
                 self.store.docs.delete_chunk(txn, cid)
                 self.store.kv.delete(txn, cid)
+                self.store.budget.forget(txn, cid)
         return live, dead
 
     def _sync_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
@@ -217,5 +218,6 @@ class Ingestor:
             bar.update(sum(len(c.token_ids) for c in batch.values()))
         if pending:
             self._commit_documents(pending)
+            self.store.enforce_budget()
         batch.clear()
         pending.clear()

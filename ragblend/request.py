@@ -22,6 +22,7 @@ from ragblend.ingest import Ingestor
 from ragblend.store import Store
 
 MODES = ("blend", "reuse", "prefix", "full")
+FLUSH_USES = 256  # chunk uses noted in memory before they are written (one transaction for all of them)
 
 
 @dataclass
@@ -60,11 +61,12 @@ class RequestPath:
             raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
         stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
-        self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes every chunk
+        misses = self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes them all
         prepared = time.perf_counter()
         prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
         prefill.timings["fuse_s"] = time.perf_counter() - prepared
-        timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start}
+        timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start,
+                   "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}
         return PreparedPrompt(layout, prefill, chunks, timings)
 
     def answer(self, prepared: PreparedPrompt, mode: str, sampling: SamplingConfig, stream: bool,
@@ -88,16 +90,23 @@ class RequestPath:
         answer_stream = AnswerStream(pieces, finish)
         return answer_stream if stream else answer_stream.collect()
 
-    def ensure_kv(self, chunks: list[ContextChunk]) -> None:
-        """Compute and store the KV of chunks the store lacks, so the next request reuses it."""
+    def ensure_kv(self, chunks: list[ContextChunk]) -> int:
+        """Compute and store the KV of chunks the store lacks (never stored, or evicted), so the next
+        request reuses it; the number computed. Then keep the store within its budget, sparing these."""
         with self.store.env.begin() as txn:
             missing = {c.chunk_id: c for c in chunks if not self.store.kv.contains(txn, c.chunk_id)}
+        budget = self.store.budget
+        budget.used([c.chunk_id for c in chunks if c.chunk_id not in missing], missing)
         if not missing:
-            return
+            if budget.pending >= FLUSH_USES:
+                self.store.enforce_budget()
+            return 0
         kvs = self.ingestor.compute([list(c.token_ids) for c in missing.values()])
         with self.store.env.begin(write=True) as txn:
             for chunk_id, kv in zip(missing, kvs):
                 self.store.kv.put(txn, chunk_id, kv)
+            budget.enforce(txn, self.store.pinned_chunks(txn), protect={c.chunk_id for c in chunks})
+        return len(missing)
 
     def _run_engine(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
                     blend: BlendConfig, depth: int) -> Prefill:

@@ -15,6 +15,7 @@ import numpy as np
 
 from index.docstore import DocStore, vector_id
 from index.vector_index import VectorIndex
+from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVStore
 
 FORMAT_VERSION = 1
@@ -58,19 +59,32 @@ class Manifest:
 class StoreStats:
     documents: int
     chunks: int
-    tokens: int
+    tokens: int  # of chunks that hold KV now
     kv_bytes: int
     disk_bytes: int
     orphan_chunks: int
     manifest: Manifest | None
+    kv_max_bytes: int | None = None
+    pinned_bytes: int = 0
+    evicted_chunks: int = 0  # searchable chunks whose KV was evicted (recomputed on their next use)
+    kv_hits: int = 0
+    kv_misses: int = 0
+    evictions: int = 0
+    sessions: int = 0
 
     def lines(self) -> list[str]:
         m = self.manifest
+        budget = f" of {self.kv_max_bytes / 1e6:,.1f} MB budget" if self.kv_max_bytes is not None else ""
         rows = [
             ("documents", f"{self.documents:,}"),
-            ("chunks", f"{self.chunks:,}" + (f" (+{self.orphan_chunks} unreferenced)" if self.orphan_chunks else "")),
+            ("chunks", f"{self.chunks:,}" + (f" (+{self.orphan_chunks} unreferenced)" if self.orphan_chunks else "")
+             + (f", {self.evicted_chunks:,} with KV evicted" if self.evicted_chunks else "")),
             ("tokens", f"{self.tokens:,}"),
-            ("KV payload", f"{self.kv_bytes / 1e6:,.1f} MB" + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
+            ("KV payload", f"{self.kv_bytes / 1e6:,.1f} MB{budget}"
+             + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
+            ("pinned", f"{self.pinned_bytes / 1e6:,.1f} MB"),
+            ("KV uses", f"{self.kv_hits:,} hits, {self.kv_misses:,} misses, {self.evictions:,} evictions"),
+            ("sessions", f"{self.sessions:,}"),
             ("on disk", f"{self.disk_bytes / 1e6:,.1f} MB"),
         ]
         if m:
@@ -91,8 +105,15 @@ class Store:
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.docs = DocStore(self.env)
         self.manifest = self._read_manifest()
-        self.kv = KVStore(self.env, self.manifest.kv_fingerprint) if self.manifest else None
+        self.kv: KVStore | None = None
+        self.budget: KVBudget | None = None
+        if self.manifest:
+            self._open_kv(self.manifest.kv_fingerprint)
         self._index: VectorIndex | None = None
+
+    def _open_kv(self, fingerprint: str) -> None:
+        self.kv = KVStore(self.env, fingerprint)
+        self.budget = KVBudget(self.env, self.kv, self.meta_db)
 
     def _read_manifest(self) -> Manifest | None:
         with self.env.begin() as txn:
@@ -105,7 +126,7 @@ class Store:
             with self.env.begin(write=True) as txn:
                 txn.put(b"manifest", json.dumps(asdict(wanted)).encode(), db=self.meta_db)
             self.manifest = wanted
-            self.kv = KVStore(self.env, wanted.kv_fingerprint)
+            self._open_kv(wanted.kv_fingerprint)
             return
         have = self.manifest
         if have.format_version != FORMAT_VERSION:
@@ -178,15 +199,55 @@ class Store:
         with self.env.begin() as txn:
             records = self.docs.chunk_records(txn)
             documents = self.docs.count_docs(txn)
-            kv_bytes = tokens = 0
+            pinned = self.pinned_chunks(txn)
+            kv_bytes = tokens = pinned_bytes = evicted = 0
             for record in records:
                 meta = self.kv.meta(txn, record.chunk_id) if self.kv else None
+                if record.refs and meta is None:
+                    evicted += 1
                 if meta and record.refs:
                     kv_bytes += meta.layer_bytes * meta.layers
+                    pinned_bytes += meta.layer_bytes * meta.layers if record.chunk_id in pinned else 0
                     tokens += meta.tokens
+            budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
+            sessions = self._count(txn, b"sessions")
         disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         referenced = sum(1 for r in records if r.refs)
-        return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest)
+        return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
+                          pinned_bytes=pinned_bytes, evicted_chunks=evicted, sessions=sessions, **budget)
+
+    def _count(self, txn: lmdb.Transaction, name: bytes) -> int:
+        """Entries of a named database, 0 if it was never created."""
+        try:
+            return txn.stat(self.env.open_db(name, txn=txn, create=False))["entries"]
+        except lmdb.Error:
+            return 0
+
+    # ---- the KV budget --------------------------------------------------------------------------
+
+    def pinned_chunks(self, txn: lmdb.Transaction) -> set[str]:
+        return {c for doc in self.docs.doc_records(txn) if doc.pinned for c in doc.chunk_ids}
+
+    def enforce_budget(self, protect: set[str] = frozenset()) -> list[str]:
+        """Evict least recently used KV until the store is within its budget (see kvchunks.budget)."""
+        with self.env.begin(write=True) as txn:
+            return self.budget.enforce(txn, self.pinned_chunks(txn), protect)
+
+    def set_kv_max_bytes(self, max_bytes: int | None) -> None:
+        """Persist the KV budget (None: unbounded) and apply it now; refused if pins alone exceed it."""
+        with self.env.begin(write=True) as txn:
+            self.budget.set_max_bytes(txn, max_bytes)
+            self.budget.enforce(txn, self.pinned_chunks(txn))
+
+    def set_pinned(self, doc_ids: list[str], pinned: bool) -> None:
+        with self.env.begin(write=True) as txn:
+            for doc_id in doc_ids:
+                record = self.docs.get_doc(txn, doc_id)
+                if record is None:
+                    raise KeyError(f"unknown document id {doc_id!r}")
+                record.pinned = pinned
+                self.docs.put_doc(txn, record)
+            self.budget.enforce(txn, self.pinned_chunks(txn))
 
     def check(self) -> list[str]:
         """Consistency problems: documents pointing at missing chunks, chunks without KV or embedding."""
@@ -199,7 +260,8 @@ class Store:
                         problems.append(f"document {doc_id}: chunk {chunk_id} missing or not linked back")
                     if self.docs.get_embedding(txn, chunk_id) is None:
                         problems.append(f"document {doc_id}: chunk {chunk_id} has no embedding")
-                    problems.extend(self.kv.verify(txn, chunk_id))
+                    if self.kv.contains(txn, chunk_id):  # no KV at all is an eviction, not damage
+                        problems.extend(self.kv.verify(txn, chunk_id))
         return problems
 
     def close(self) -> None:
