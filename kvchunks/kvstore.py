@@ -18,6 +18,14 @@ from kvchunks.precompute import ChunkKV
 STORAGE_DTYPE = np.float16
 
 
+class CorruptKVError(ValueError):
+    """A stored KV record failed its size or checksum check."""
+
+    def __init__(self, key: str, layer: int):
+        super().__init__(f"KV record for {key} layer {layer} is corrupt (checksum or size mismatch)")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class StoredKV:
     """A span's KV that stays on disk until a loader reads it layer by layer."""
@@ -92,12 +100,13 @@ class KVStore:
         txn.delete(self._meta_key(chunk_id), db=self.meta_db)
 
     def read_layer(self, txn: lmdb.Transaction, chunk_id: str, layer: int, meta: KVMeta) -> tuple[np.ndarray, np.ndarray]:
-        """Zero-copy fp16 views of one layer's K and V (valid while `txn` is open)."""
+        """Zero-copy fp16 views of one layer's K and V (valid while `txn` is open), checksum verified:
+        a flipped byte is reported (CorruptKVError), never served."""
         raw = txn.get(self._layer_key(chunk_id, layer), db=self.kv_db)
         if raw is None:
             raise KeyError(f"KV record missing for chunk {chunk_id} layer {layer}")
-        if len(raw) != meta.layer_bytes:
-            raise ValueError(f"KV record for chunk {chunk_id} layer {layer} has {len(raw)} bytes, expected {meta.layer_bytes}")
+        if len(raw) != meta.layer_bytes or zlib.crc32(raw) != meta.crc32[layer]:
+            raise CorruptKVError(chunk_id, layer)
         flat = np.frombuffer(raw, dtype=STORAGE_DTYPE)
         half = flat.size // 2
         return flat[:half].reshape(meta.layer_shape), flat[half:].reshape(meta.layer_shape)

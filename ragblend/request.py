@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
-from kvchunks.kvstore import StoredKV
+from kvchunks.kvstore import CorruptKVError, StoredKV
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
 from ragblend.engine.fusion import FusionEngine, Prefill
@@ -63,7 +63,15 @@ class RequestPath:
         stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
         misses = self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes them all
         prepared = time.perf_counter()
-        prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
+        try:
+            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
+        except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
+            if error.key not in {c.chunk_id for c in chunks}:
+                raise  # a session turn's record: the session layer owns it
+            with self.store.env.begin(write=True) as txn:
+                self.store.kv.delete(txn, error.key)
+            misses += self.ensure_kv(chunks[: stored_spans - 1])
+            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
         prefill.timings["fuse_s"] = time.perf_counter() - prepared
         timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start,
                    "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}

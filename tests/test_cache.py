@@ -147,3 +147,20 @@ def test_ingest_delete_cycles_reuse_lmdb_space(make_rb):
     # 20 cycles write ~20x the live data; freed pages are reused, so the file stays near its size
     # after the first cycles (a few pages of free-list growth, not the data written)
     assert sizes[-1] < 1.1 * sizes[2], sizes
+
+
+def test_a_flipped_byte_in_a_kv_record_is_caught_recomputed_and_reported(make_rb):
+    rb = make_rb()
+    rb.add_documents(DOCS[:2])
+    question = "What is the key fact about volcanoes?"
+    before = rb.query(question, top_k=1, mode="reuse", max_new_tokens=3)
+    kv = rb.store.kv
+    key = kv._layer_key(before.chunks[0].chunk_id, 1)
+    with rb.store.env.begin(write=True) as txn:
+        damaged = bytearray(txn.get(key, db=kv.kv_db))
+        damaged[10] ^= 0xFF
+        txn.put(key, bytes(damaged), db=kv.kv_db)
+    assert any("corrupt" in problem for problem in rb.store.check())
+    after = rb.query(question, top_k=1, mode="reuse", max_new_tokens=3)
+    assert after.token_ids == before.token_ids and after.timings["kv_misses"] == 1
+    assert rb.store.check() == []
