@@ -23,18 +23,30 @@ _MAP_SIZE = 1 << 40  # address space only: the file grows with the data (sparse 
 
 
 _OPEN_ENVS: dict[Path, lmdb.Environment] = {}
+_USERS: dict[Path, int] = {}  # Store objects holding each environment; the last to close it closes it
 
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
     """One LMDB environment per store folder and process (LMDB refuses a second open of the same file)."""
     key = path.resolve()
     cached = _OPEN_ENVS.get(key)
+    _USERS[key] = _USERS.get(key, 0) + 1
     if cached is not None and (readonly or not cached.flags()["readonly"]):
         return cached
     if cached is not None:
         cached.close()  # a read-only handle is upgraded to a writable one
     _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_MAP_SIZE, max_dbs=16, readonly=readonly)
     return _OPEN_ENVS[key]
+
+
+def _release_env(path: Path) -> None:
+    key = path.resolve()
+    _USERS[key] = _USERS.get(key, 1) - 1
+    if _USERS[key] <= 0:
+        _USERS.pop(key, None)
+        env = _OPEN_ENVS.pop(key, None)
+        if env is not None:
+            env.close()
 
 
 class StoreMismatchError(ValueError):
@@ -102,6 +114,7 @@ class Store:
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
         self.env = _open_env(self.path, readonly)
+        self._closed = False
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.docs = DocStore(self.env)
         self.manifest = self._read_manifest()
@@ -265,5 +278,7 @@ class Store:
         return problems
 
     def close(self) -> None:
-        _OPEN_ENVS.pop(self.path.resolve(), None)
-        self.env.close()
+        """Release this store's hold on the environment; it closes once no Store in the process uses it."""
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)

@@ -164,3 +164,14 @@ def test_a_flipped_byte_in_a_kv_record_is_caught_recomputed_and_reported(make_rb
     after = rb.query(question, top_k=1, mode="reuse", max_new_tokens=3)
     assert after.token_ids == before.token_ids and after.timings["kv_misses"] == 1
     assert rb.store.check() == []
+
+
+def test_closing_one_store_handle_leaves_the_others_working(make_rb):
+    from ragblend.store import Store
+
+    rb = make_rb()
+    rb.add_documents(DOCS[:1])
+    other = Store(rb.store.path)
+    other.close()
+    assert rb.stats().documents == 1
+    assert rb.query("What is the key fact about volcanoes?", top_k=1, mode="reuse", max_new_tokens=1).text is not None
