@@ -110,7 +110,7 @@ class KVBudget:
         sizes = {}
         for chunk_id in self.kv.chunk_ids(txn):
             meta = self.kv.meta(txn, chunk_id)
-            sizes[chunk_id] = meta.layer_bytes * meta.layers
+            sizes[chunk_id] = meta.payload_bytes
         return sizes
 
     def enforce(self, txn: lmdb.Transaction, pinned: set[str], protect: set[str] = frozenset()) -> list[str]:

@@ -13,9 +13,8 @@ import lmdb
 import numpy as np
 import torch
 
+from kvchunks.codecs import codec_for
 from kvchunks.precompute import ChunkKV
-
-STORAGE_DTYPE = np.float16
 
 
 class CorruptKVError(ValueError):
@@ -50,16 +49,21 @@ class KVMeta:
 
     @property
     def layer_bytes(self) -> int:
-        return 2 * self.kv_heads * self.tokens * self.head_dim * np.dtype(STORAGE_DTYPE).itemsize
+        return codec_for(self.dtype).layer_bytes(self.kv_heads, self.tokens, self.head_dim)
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.layer_bytes * self.layers
 
 
 class KVStore:
     """`family` names the pair of databases: "kv" for document chunks, "session" for conversation turns;
     both hold the same record format, so every reader and writer serves both."""
 
-    def __init__(self, env: lmdb.Environment, kv_fingerprint: str, family: str = "kv"):
+    def __init__(self, env: lmdb.Environment, kv_fingerprint: str, family: str = "kv", dtype: str = "float16"):
         self.env = env
         self.fingerprint = kv_fingerprint
+        self.codec = codec_for(dtype)
         self.kv_db = env.open_db(family.encode())
         self.meta_db = env.open_db(f"{family}meta".encode())
 
@@ -78,16 +82,17 @@ class KVStore:
 
     def put(self, txn: lmdb.Transaction, chunk_id: str, kv: ChunkKV) -> int:
         """Write all layers and the metadata inside the caller's transaction; returns payload bytes."""
-        keys = kv.keys.to(torch.float16).cpu().numpy()
-        values = kv.values.to(torch.float16).cpu().numpy()
+        keys = kv.keys.to(torch.float32).cpu().numpy()
+        values = kv.values.to(torch.float32).cpu().numpy()
         checksums, total = [], 0
         for layer, (k, v) in enumerate(zip(keys, values)):
-            payload = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
+            payload = self.codec.encode(k, v)
             checksums.append(zlib.crc32(payload))
             total += len(payload)
             txn.put(self._layer_key(chunk_id, layer), payload, db=self.kv_db)
         layers, kv_heads, tokens, head_dim = keys.shape
-        meta = KVMeta(tokens=tokens, layers=layers, kv_heads=kv_heads, head_dim=head_dim, crc32=checksums)
+        meta = KVMeta(tokens=tokens, layers=layers, kv_heads=kv_heads, head_dim=head_dim, crc32=checksums,
+                      dtype=self.codec.name)
         txn.put(self._meta_key(chunk_id), json.dumps(asdict(meta)).encode(), db=self.meta_db)
         return total
 
@@ -100,19 +105,17 @@ class KVStore:
         txn.delete(self._meta_key(chunk_id), db=self.meta_db)
 
     def read_layer(self, txn: lmdb.Transaction, chunk_id: str, layer: int, meta: KVMeta) -> tuple[np.ndarray, np.ndarray]:
-        """Zero-copy fp16 views of one layer's K and V (valid while `txn` is open), checksum verified:
-        a flipped byte is reported (CorruptKVError), never served."""
+        """One layer's K and V as the record's codec decodes them (fp16: zero-copy views valid while `txn`
+        is open), checksum verified: a flipped byte is reported (CorruptKVError), never served."""
         raw = txn.get(self._layer_key(chunk_id, layer), db=self.kv_db)
         if raw is None:
             raise KeyError(f"KV record missing for chunk {chunk_id} layer {layer}")
         if len(raw) != meta.layer_bytes or zlib.crc32(raw) != meta.crc32[layer]:
             raise CorruptKVError(chunk_id, layer)
-        flat = np.frombuffer(raw, dtype=STORAGE_DTYPE)
-        half = flat.size // 2
-        return flat[:half].reshape(meta.layer_shape), flat[half:].reshape(meta.layer_shape)
+        return codec_for(meta.dtype).decode(raw, meta.layer_shape)
 
     def load(self, chunk_id: str) -> ChunkKV:
-        """A whole chunk's KV (fp16 as stored), for inspection and tests."""
+        """A whole chunk's KV as stored (decoded), for inspection and tests."""
         with self.env.begin(buffers=True) as txn:
             meta = self.meta(txn, chunk_id)
             if meta is None:
@@ -136,8 +139,7 @@ class KVStore:
         with txn.cursor(db=self.meta_db) as cursor:
             for key, raw in cursor:
                 if not bytes(key).startswith(own):
-                    meta = KVMeta(**json.loads(bytes(raw)))
-                    found.append((bytes(key), meta.layer_bytes * meta.layers))
+                    found.append((bytes(key), KVMeta(**json.loads(bytes(raw))).payload_bytes))
         return found
 
     def delete_foreign(self, txn: lmdb.Transaction, meta_key: bytes) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from index.embedder import Embedder
 from kvchunks.chunking import validate_chunk_tokens
+from kvchunks.codecs import codec_for
 from ragblend.answer import Answer, AnswerStream
 from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
@@ -43,12 +44,15 @@ class RagBlend:
     def __init__(self, store_dir: str | Path, model: str | Path | LoadedModel | None = None,
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
-                 session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None):
+                 session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
+                 kv_dtype: str | None = None):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
         `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
         `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
         `kv_max_bytes`: a budget for chunk KV, kept in the store (least recently used KV is evicted and
-        recomputed when next retrieved); None keeps the store's setting (unbounded unless set)."""
+        recomputed when next retrieved); None keeps the store's setting (unbounded unless set).
+        `kv_dtype`: how a new store encodes chunk KV, "float16" (default) or "int8" (KIVI-style, about
+        half the bytes); an existing store keeps its own and refuses another."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
@@ -57,6 +61,7 @@ class RagBlend:
         self.template = PromptTemplate.for_tokenizer(self.model.tokenizer)
         if chunk_tokens is not None:
             validate_chunk_tokens(chunk_tokens, self.model.max_positions)
+        kv_dtype = codec_for(kv_dtype).name if kv_dtype else None
         self.store = Store(store_dir)
         existing = self.store.manifest
         chunk_tokens = chunk_tokens if chunk_tokens is not None else (existing.chunk_tokens if existing else DEFAULT_CHUNK_TOKENS)
@@ -65,6 +70,7 @@ class RagBlend:
             embedder_fingerprint=self.embedder.fingerprint, embedder=self.embedder.name,
             embedding_dim=self.embedder.dim, chunk_tokens=chunk_tokens,
             index_kind=index_kind or (existing.index_kind if existing else "flat"),
+            kv_dtype=kv_dtype or (existing.kv_dtype if existing else "float16"),
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
         if kv_max_bytes is not None:

@@ -38,7 +38,7 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         report.orphan_kv = [c for c in dead_kv if c not in chunks]
         for chunk_id in dead_kv:
             meta = store.kv.meta(txn, chunk_id)
-            report.bytes_freed += meta.layer_bytes * meta.layers
+            report.bytes_freed += meta.payload_bytes
         foreign = [(kv, key, size) for kv in (store.kv, sessions.kv) for key, size in kv.foreign(txn)]
         report.foreign_records = len(foreign)
         report.bytes_freed += sum(size for _, _, size in foreign)

@@ -140,6 +140,6 @@ class SessionStore:
         keys = [self.segment_key(record.id, t.segment) for t in record.turns]
         with self.env.begin() as txn:
             metas = [self.kv.meta(txn, key) for key in keys]
-        stored = sum(m.layer_bytes * m.layers for m in metas if m is not None)
+        stored = sum(m.payload_bytes for m in metas if m is not None)
         tier = "ram" if all(key in self.ram for key in keys) else "disk"
         return SessionInfo(record.id, len(record.turns), record.history_tokens, stored, record.last_used, tier)

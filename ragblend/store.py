@@ -65,6 +65,7 @@ class Manifest:
     chunk_tokens: int
     index_kind: str
     format_version: int = FORMAT_VERSION
+    kv_dtype: str = "float16"  # how chunk KV records are encoded (kvchunks.codecs)
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,11 @@ class Store:
         self.kv: KVStore | None = None
         self.budget: KVBudget | None = None
         if self.manifest:
-            self._open_kv(self.manifest.kv_fingerprint)
+            self._open_kv(self.manifest)
         self._index: VectorIndex | None = None
 
-    def _open_kv(self, fingerprint: str) -> None:
-        self.kv = KVStore(self.env, fingerprint)
+    def _open_kv(self, manifest: Manifest) -> None:
+        self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
         self.budget = KVBudget(self.env, self.kv, self.meta_db)
 
     def _read_manifest(self) -> Manifest | None:
@@ -139,13 +140,14 @@ class Store:
             with self.env.begin(write=True) as txn:
                 txn.put(b"manifest", json.dumps(asdict(wanted)).encode(), db=self.meta_db)
             self.manifest = wanted
-            self._open_kv(wanted.kv_fingerprint)
+            self._open_kv(wanted)
             return
         have = self.manifest
         if have.format_version != FORMAT_VERSION:
             raise StoreMismatchError(f"store {self.path} has format {have.format_version}; this ragblend reads {FORMAT_VERSION}")
         for field_name, label in (("kv_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
-                                  ("chunk_tokens", "chunk size"), ("index_kind", "index kind")):
+                                  ("chunk_tokens", "chunk size"), ("index_kind", "index kind"),
+                                  ("kv_dtype", "KV dtype")):
             if getattr(have, field_name) != getattr(wanted, field_name):
                 shown = {"kv_fingerprint": "model", "embedder_fingerprint": "embedder"}.get(field_name, field_name)
                 raise StoreMismatchError(
@@ -219,8 +221,8 @@ class Store:
                 if record.refs and meta is None:
                     evicted += 1
                 if meta and record.refs:
-                    kv_bytes += meta.layer_bytes * meta.layers
-                    pinned_bytes += meta.layer_bytes * meta.layers if record.chunk_id in pinned else 0
+                    kv_bytes += meta.payload_bytes
+                    pinned_bytes += meta.payload_bytes if record.chunk_id in pinned else 0
                     tokens += meta.tokens
             budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
             sessions = self._count(txn, b"sessions")

@@ -175,3 +175,38 @@ def test_closing_one_store_handle_leaves_the_others_working(make_rb):
     other.close()
     assert rb.stats().documents == 1
     assert rb.query("What is the key fact about volcanoes?", top_k=1, mode="reuse", max_new_tokens=1).text is not None
+
+
+def test_int8_kv_takes_about_half_the_bytes_and_stays_close(tiny_model_factory, embedder, tmp_path):
+    model = tiny_model_factory("llama")
+    stores = {}
+    for dtype in ("float16", "int8"):
+        rb = RagBlend(tmp_path / dtype, model=model, embedder=embedder, kv_dtype=dtype)
+        rb.add_documents(DOCS[:3])
+        stores[dtype] = rb
+    fp16, int8 = stores["float16"], stores["int8"]
+    assert 0.45 < int8.stats().kv_bytes / fp16.stats().kv_bytes < 0.56
+    chunk = fp16.search("volcanoes", top_k=1)[0].chunk_id
+    exact, quantized = fp16.store.kv.load(chunk), int8.store.kv.load(chunk)
+    for a, b in ((exact.keys, quantized.keys), (exact.values, quantized.values)):
+        error = (a.float() - b.float()).norm() / a.float().norm()
+        assert error < 0.02, error
+    question = "What is the key fact about volcanoes?"
+    logits = [rb.query(question, top_k=1, mode="reuse", max_new_tokens=1).first_token_logits for rb in (fp16, int8)]
+    assert (logits[0] - logits[1]).abs().max() < 0.05
+    for rb in (fp16, int8):
+        rb.close()
+        rb.store.close()
+
+
+def test_a_store_keeps_its_kv_dtype(tiny_model_factory, embedder, tmp_path):
+    from ragblend import StoreMismatchError
+
+    model = tiny_model_factory("llama")
+    RagBlend(tmp_path / "s", model=model, embedder=embedder, kv_dtype="int8").add_documents(DOCS[:1])
+    assert RagBlend(tmp_path / "s", model=model, embedder=embedder).store.manifest.kv_dtype == "int8"
+    with pytest.raises(StoreMismatchError, match="KV dtype"):
+        RagBlend(tmp_path / "s", model=model, embedder=embedder, kv_dtype="float16")
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        RagBlend(tmp_path / "t", model=model, embedder=embedder, kv_dtype="int3")
+    assert not (tmp_path / "t").exists()
