@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-reuse", action="store_true", help="skip the reuse baseline")
     parser.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
+    parser.add_argument("--kv-dtype", default="float16", choices=["float16", "int8"], help="chunk KV encoding")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--write-docs", metavar="NAME", help="write the table into docs/fidelity.md section NAME")
     args = parser.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
     modes = ("full", "blend") if args.no_reuse else ("full", "reuse", "blend")
     config = EvalConfig(modes=modes, ratios=_ratios(args.ratios), passages=args.passages,
                         max_new_tokens=args.max_new_tokens, variants=tuple((n, VARIANTS[n]) for n in names))
-    rb = RagBlend(args.out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS)
+    rb = RagBlend(args.out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS, kv_dtype=args.kv_dtype)
     rows = run_eval(rb, records, config, args.out)
     summaries = summarize(rows)
     table = summary_table(summaries)

@@ -23,6 +23,8 @@ class DocRecord:
     source: str | None = None
     tokens: int = 0
     pinned: bool = False  # its chunks' KV is never evicted
+    expires_at: float | None = None  # wall-clock time its TTL ends
+    expire: str = "kv"  # what then goes: "kv" or the whole "document"
 
 
 @dataclass

@@ -76,17 +76,25 @@ class RagBlend:
         if kv_max_bytes is not None:
             self.store.set_kv_max_bytes(kv_max_bytes)
         self.requests = RequestPath(self.model, self.store, self.ingestor)
+        self.ingestor.expire()
         self._session_ram_bytes = session_ram_bytes
         self._sessions: SessionManager | None = None
 
-    def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False) -> list[str]:
-        """Ingest documents (strings, dicts with `text` and optional `id`/`metadata`); returns their ids."""
+    def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False,
+                      ttl_s: float | None = None) -> list[str]:
+        """Ingest documents (strings, dicts with `text` and optional `id`, `metadata`, `ttl_s`, `expire`);
+        returns their ids. `ttl_s` is the default TTL (see `expire`)."""
         documents = [coerce_document(d, f"document {i}") for i, d in enumerate(docs)]
-        self.ingest(documents, progress=progress)
+        self.ingest(documents, progress=progress, ttl_s=ttl_s)
         return [d.id for d in documents]
 
-    def ingest(self, documents: list[Document], progress: bool = True) -> IngestReport:
-        return self.ingestor.ingest(documents, progress=progress)
+    def ingest(self, documents: list[Document], progress: bool = True, ttl_s: float | None = None) -> IngestReport:
+        return self.ingestor.ingest(documents, progress=progress, ttl_s=ttl_s)
+
+    def expire(self) -> list[str]:
+        """Apply ended document TTLs now (also done on open and before every ingest): a document with
+        `expire="document"` is deleted, any other loses its KV (recomputed on next use); their ids."""
+        return self.ingestor.expire()
 
     def delete_documents(self, ids: Iterable[str]) -> None:
         self.ingestor.delete(list(ids))

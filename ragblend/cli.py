@@ -16,7 +16,7 @@ def _ingest(args: argparse.Namespace) -> None:
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
                   index_kind=args.index, kv_max_bytes=args.kv_max_bytes, kv_dtype=args.kv_dtype)
-    report = rb.ingest(docs, progress=True)
+    report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s)
     if args.pin:
         rb.pin([d.id for d in docs])
     rb.close()
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--kv-max-bytes", type=int, help="budget for chunk KV, kept in the store; least recently used "
                                                          "KV is evicted beyond it (text and embeddings stay)")
     ingest.add_argument("--pin", action="store_true", help="never evict these documents' KV")
+    ingest.add_argument("--ttl-s", type=float, help="documents' TTL in seconds (unless a .jsonl line sets its own "
+                                                    "ttl_s): then their KV is dropped, or with expire=document, they are")
     ingest.add_argument("--kv-dtype", choices=["float16", "int8"], help="KV encoding of a new store (default float16)")
     ingest.set_defaults(run=_ingest)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
+EXPIRE_MODES = ("kv", "document")  # what a document's TTL drops: its KV only, or the document too
 
 
 class DocumentError(ValueError):
@@ -21,6 +22,8 @@ class Document:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    ttl_s: float | None = None  # after this long its KV is dropped (and, with expire="document", itself)
+    expire: str = "kv"
 
     def content_hash(self) -> str:
         payload = json.dumps({"text": self.text, "metadata": self.metadata}, sort_keys=True, default=str)
@@ -48,7 +51,13 @@ def coerce_document(item: str | dict | Document, where: str = "document") -> Doc
     doc_id = item.get("id")
     if doc_id is not None and (not isinstance(doc_id, (str, int)) or str(doc_id) == ""):
         raise DocumentError(f"{where}: 'id' must be a non-empty string")
-    return Document(id=str(doc_id) if doc_id is not None else text_id(text), text=text, metadata=metadata)
+    ttl_s, expire = item.get("ttl_s"), item.get("expire", "kv")
+    if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or ttl_s <= 0):
+        raise DocumentError(f"{where}: 'ttl_s' must be a positive number of seconds")
+    if expire not in EXPIRE_MODES:
+        raise DocumentError(f"{where}: 'expire' must be one of {', '.join(EXPIRE_MODES)}")
+    return Document(id=str(doc_id) if doc_id is not None else text_id(text), text=text, metadata=metadata,
+                    ttl_s=ttl_s, expire=expire)
 
 
 def _read_text(path: Path) -> str:

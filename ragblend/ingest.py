@@ -61,6 +61,7 @@ class Ingestor:
         self.chunk_tokens = chunk_tokens
         self.max_batch_tokens = max_batch_tokens
         self._prefix_kv: ChunkKV | None = None
+        self._ttl_s: float | None = None  # default TTL of the ingest under way
 
     @property
     def prefix_kv(self) -> ChunkKV:
@@ -144,8 +145,11 @@ class Ingestor:
                     self.store.docs.put_chunk(txn, record)
                     touched.add(cid)
                 tokens = sum(len(c.token_ids) for c in item.chunks)
+                ttl_s = item.doc.ttl_s or self._ttl_s
                 self.store.docs.put_doc(txn, DocRecord(item.doc.id, item.doc.content_hash(), item.ids,
-                                                       item.doc.metadata, item.doc.source, tokens))
+                                                       item.doc.metadata, item.doc.source, tokens,
+                                                       expires_at=time.time() + ttl_s if ttl_s else None,
+                                                       expire=item.doc.expire))
             live, dead = self._split_live(txn, touched)
             vectors = [self.store.docs.get_embedding(txn, cid) for cid in live]
             self.store.bump_generation(txn)
@@ -191,7 +195,21 @@ class Ingestor:
 
     # ---- the whole run --------------------------------------------------------------------------
 
-    def ingest(self, docs: list[Document], progress: bool = True) -> IngestReport:
+    def expire(self, now: float | None = None) -> list[str]:
+        """Apply ended TTLs: delete documents that asked for it, drop the others' KV; their ids."""
+        now = time.time() if now is None else now
+        with self.store.env.begin() as txn:
+            gone = [d.doc_id for d in self.store.expired_documents(txn, now) if d.expire == "document"]
+        if gone:
+            self.delete(gone)
+        return gone + self.store.drop_expired_kv(now)
+
+    def ingest(self, docs: list[Document], progress: bool = True, ttl_s: float | None = None) -> IngestReport:
+        """`ttl_s`: the TTL of documents that do not set their own (None: no expiry)."""
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self._ttl_s = ttl_s
+        self.expire()
         start = time.perf_counter()
         planned, unchanged = self._plan(docs)
         missing = self._missing(planned)

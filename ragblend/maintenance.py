@@ -1,5 +1,8 @@
 """`ragblend gc`: remove what no query can reach any more, and say how many bytes that freed.
 
+Documents whose TTL asks for their deletion are deleted when a RagBlend opens the store or ingests
+(that needs the index); gc drops the KV of the others.
+
 LMDB puts freed pages on its free list and reuses them for later writes, so the file stops growing
 once ingest/delete cycles reach a steady state; it never shrinks by itself.
 """
@@ -18,6 +21,7 @@ class GcReport:
     orphan_kv: list[str] = field(default_factory=list)  # KV of a chunk that no longer exists
     foreign_records: int = 0  # KV written under another model or prompt fingerprint
     expired_sessions: list[str] = field(default_factory=list)
+    expired_kv_documents: list[str] = field(default_factory=list)  # TTL ended: KV dropped, text kept
     bytes_freed: int = 0
     dry_run: bool = False
 
@@ -25,7 +29,8 @@ class GcReport:
         verb = "would free" if self.dry_run else "freed"
         return (f"{len(self.orphan_chunks)} unreferenced chunks, {len(self.orphan_kv)} orphan KV records, "
                 f"{self.foreign_records} records of other fingerprints, {len(self.expired_sessions)} expired "
-                f"sessions: {verb} {self.bytes_freed / 1e6:,.1f} MB of KV")
+                f"sessions, {len(self.expired_kv_documents)} documents past their TTL: "
+                f"{verb} {self.bytes_freed / 1e6:,.1f} MB of KV")
 
 
 def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
@@ -51,6 +56,13 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
             for kv, key, _ in foreign:
                 kv.delete_foreign(txn, key)
     now = time.time()
+    with store.env.begin() as txn:
+        ended = [d for d in store.expired_documents(txn, now) if d.expire == "kv"]
+        report.expired_kv_documents = [d.doc_id for d in ended]
+        metas = [store.kv.meta(txn, c) for d in ended for c in d.chunk_ids]
+        report.bytes_freed += sum(m.payload_bytes for m in metas if m is not None)
+    if not dry_run:
+        store.drop_expired_kv(now)
     expired = [r for r in sessions.records() if r.expired(now)]
     report.bytes_freed += sum(sessions.info(r).bytes for r in expired)
     report.expired_sessions = [r.id for r in expired]

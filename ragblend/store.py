@@ -13,7 +13,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from index.docstore import DocStore, vector_id
+from index.docstore import DocRecord, DocStore, vector_id
 from index.vector_index import VectorIndex
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVStore
@@ -253,6 +253,22 @@ class Store:
         with self.env.begin(write=True) as txn:
             self.budget.set_max_bytes(txn, max_bytes)
             self.budget.enforce(txn, self.pinned_chunks(txn))
+
+    def expired_documents(self, txn: lmdb.Transaction, now: float) -> list[DocRecord]:
+        return [d for d in self.docs.doc_records(txn) if d.expires_at is not None and d.expires_at <= now]
+
+    def drop_expired_kv(self, now: float) -> list[str]:
+        """Drop the KV of documents whose TTL ended (their text and embeddings stay searchable; the KV
+        is recomputed on next use and kept); their ids."""
+        with self.env.begin(write=True) as txn:
+            expired = [d for d in self.expired_documents(txn, now) if d.expire == "kv"]
+            for doc in expired:
+                for chunk_id in doc.chunk_ids:
+                    self.kv.delete(txn, chunk_id)
+                    self.budget.forget(txn, chunk_id)
+                doc.expires_at = None
+                self.docs.put_doc(txn, doc)
+        return [d.doc_id for d in expired]
 
     def set_pinned(self, doc_ids: list[str], pinned: bool) -> None:
         with self.env.begin(write=True) as txn:

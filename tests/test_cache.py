@@ -210,3 +210,41 @@ def test_a_store_keeps_its_kv_dtype(tiny_model_factory, embedder, tmp_path):
     with pytest.raises(ValueError, match="unknown KV dtype"):
         RagBlend(tmp_path / "t", model=model, embedder=embedder, kv_dtype="int3")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_document_ttl_drops_its_kv_but_keeps_it_searchable(make_rb):
+    rb = make_rb()
+    rb.add_documents(DOCS[:2], ttl_s=0.2)
+    rb.add_documents(DOCS[2:3])  # no TTL
+    time.sleep(0.3)
+    assert sorted(rb.expire()) == ["glaciers", "volcanoes"]
+    stats = rb.stats()
+    assert stats.documents == 3 and stats.evicted_chunks == 2
+    answer = rb.query("What is the key fact about volcanoes?", top_k=1, mode="reuse", max_new_tokens=1)
+    assert answer.chunks[0].doc_id == "volcanoes" and answer.timings["kv_misses"] == 1
+    assert rb.expire() == []  # the recomputed KV stays
+
+
+def test_a_document_can_ask_to_be_deleted_when_its_ttl_ends(make_rb):
+    rb = make_rb()
+    rb.add_documents([{**DOCS[0], "ttl_s": 0.2, "expire": "document"}, DOCS[1]])
+    time.sleep(0.3)
+    assert rb.expire() == ["volcanoes"]
+    assert {h.doc_id for h in rb.search("volcanoes", top_k=5)} == {"glaciers"}
+
+
+def test_gc_drops_the_kv_of_documents_past_their_ttl(make_rb):
+    rb = make_rb()
+    rb.add_documents(DOCS[:1], ttl_s=0.2)
+    time.sleep(0.3)
+    report = collect_garbage(rb.store)
+    assert report.expired_kv_documents == ["volcanoes"] and report.bytes_freed > 0
+    assert rb.stats().documents == 1 and rb.stats().kv_bytes == 0
+
+
+@pytest.mark.parametrize("bad", [{"ttl_s": 0}, {"ttl_s": "soon"}, {"expire": "never"}])
+def test_bad_ttl_settings_are_refused(make_rb, bad):
+    from ragblend import DocumentError
+
+    with pytest.raises(DocumentError):
+        make_rb().add_documents([{**DOCS[0], **bad}])
