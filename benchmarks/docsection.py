@@ -1,6 +1,7 @@
-"""Shared by the benchmark scripts: the machine they ran on and in-place updates of docs/benchmarks.md."""
+"""Shared by the benchmark scripts: the machine they ran on, the shared eval data, in-place updates of docs/benchmarks.md."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -9,6 +10,15 @@ from pathlib import Path
 import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "musique_s.json"
+
+
+def musique_records() -> list[dict] | None:
+    """The shared MuSiQue questions, or None (after saying so) where ../shared is absent."""
+    if not MUSIQUE.is_file():
+        print(f"skipping: evaluation data not found at {MUSIQUE}")
+        return None
+    return json.loads(MUSIQUE.read_text())
 
 
 def _cpu_name() -> str:

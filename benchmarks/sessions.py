@@ -14,7 +14,6 @@ topic: every turn a new MuSiQue question (1 passage), on_topic_switch keep vs dr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docsection import machine, replace_section  # noqa: E402
+from docsection import machine, musique_records, replace_section  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS  # noqa: E402
@@ -34,9 +33,6 @@ from ragblend.engine.generate import SamplingConfig, decode  # noqa: E402
 from ragblend.engine.layout import PromptLayout  # noqa: E402
 from ragblend.eval.metrics import best_f1, first_token_kl  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
-
-MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "musique_s.json"
-
 
 def passages(record: dict, count: int) -> list[str]:
     return [f"{c['title']}\n{c['text']}" for c in record["ctxs"][:count]]
@@ -208,10 +204,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    if not MUSIQUE.is_file():
-        print(f"skipping: evaluation data not found at {MUSIQUE}")
+    records = musique_records()
+    if records is None:
         return
-    records = json.loads(MUSIQUE.read_text())
     synthetic = make_synthetic(4 * args.conversations * args.turns, seed=11)
     wanted = args.sections.split(",")
     parts = [f"Machine: {machine()}.\n"]

@@ -8,7 +8,6 @@ so TTFT is load + fuse + first token. Ratios are to full prefill measured in the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,16 +16,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docsection import DOCS, machine, replace_section  # noqa: E402
+from docsection import DOCS, machine, musique_records, replace_section  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.cli import EVAL_CHUNK_TOKENS  # noqa: E402
 from ragblend.eval.plots import ttft_vs_context  # noqa: E402
 from ragblend.eval.speed import speed_sweep, speed_table  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
-
-MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "musique_s.json"
-
 
 def synthetic_corpus(passages: int, repeats: int) -> list[dict]:
     """Records with `passages` synthetic passages each (facts and distractors pooled from several records)."""
@@ -45,10 +41,9 @@ def main() -> None:
     parser.add_argument("--synthetic-passages", type=int, default=0, help="also time a synthetic corpus of this many passages")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    if not MUSIQUE.is_file():
-        print(f"skipping: evaluation data not found at {MUSIQUE}")
+    records = musique_records()
+    if records is None:
         return
-    records = json.loads(MUSIQUE.read_text())
     sizes = [int(x) for x in args.passages.split(",")]
     with tempfile.TemporaryDirectory() as store:
         rb = RagBlend(store, chunk_tokens=EVAL_CHUNK_TOKENS)
