@@ -151,7 +151,7 @@ def section_tiers(rb: RagBlend, records: list[dict], sessions: int, turns: int, 
     manager = rb.session_manager
     manager.store.ram.max_bytes = budget = fit * per_session
     manager.store.ram.clear()
-    base_rss, peaks = anon_rss_bytes(), [0, 0]
+    base_rss, peaks = anon_rss_bytes(), [0, 0]  # the process so far: model, index, earlier sections
     sources, chats = [], {sid: rb.chat(sid) for sid in ids}
     for step, sid in enumerate(schedule):
         record = records[step % len(records)]
@@ -169,9 +169,9 @@ def section_tiers(rb: RagBlend, records: list[dict], sessions: int, turns: int, 
             f"(~{fit} sessions of {per_session / 1e6:.1f} MB): history from RAM in **{hits:.0%}** of "
             f"{len(sources)} follow-up turns (disk otherwise, never recomputed: "
             f"{sources.count('recomputed')}); RAM tier held {held / 1e6:.0f} MB at the end, "
-            f"{manager.store.ram.evictions} evictions; anonymous RSS above its level before the run peaked at "
-            f"{(peaks[0] - base_rss) / 1e6:.0f} MB in the first half and {(peaks[1] - base_rss) / 1e6:.0f} MB "
-            f"in the second (budget + one turn's prefill and decode caches: flat, not growing with sessions)")
+            f"{manager.store.ram.evictions} evictions; anonymous RSS (heap, not LMDB's file pages) {base_rss / 1e6:.0f} MB "
+            f"before the run (model, index), peak {peaks[0] / 1e6:.0f} MB over the first 75 turns and "
+            f"{peaks[1] / 1e6:.0f} MB over the last 75: budget + a fixed overhead, not growing with sessions")
 
 
 def section_topic(rb: RagBlend, records: list[dict], conversations: int, turns: int) -> str:
@@ -208,31 +208,26 @@ def main() -> None:
     if records is None:
         return
     synthetic = make_synthetic(4 * args.conversations * args.turns, seed=11)
-    wanted = args.sections.split(",")
-    parts = [f"Machine: {machine()}.\n"]
+    runs = {
+        "ttft": lambda: "Turn-N TTFT, saved history vs re-prefilling the whole conversation:\n\n"
+                        + section_ttft(rb, records, [int(s) for s in args.sizes.split(",")], args.repeats),
+        "identical": lambda: "Saved history vs full recompute of the whole conversation: "
+                             + section_identical(rb, synthetic, args.conversations, args.turns)[0],
+        "truncation": lambda: "Truncation (oldest turns dropped, kept turns re-positioned, not recomputed) vs a "
+                              "fresh prefill of the truncated conversation: "
+                              + section_identical(rb, synthetic, args.conversations // 2, args.turns, 500)[0],
+        "tiers": lambda: "RAM tier: " + section_tiers(rb, synthetic, 50, 3, 10),
+        "topic": lambda: "Topic switches: " + section_topic(rb, records, args.conversations // 2, args.turns),
+    }
     with tempfile.TemporaryDirectory() as folder:
         rb = RagBlend(Path(folder) / "store", chunk_tokens=EVAL_CHUNK_TOKENS)
-        if "ttft" in wanted:
-            sizes = [int(s) for s in args.sizes.split(",")]
-            parts.append("Turn-N TTFT, saved history vs re-prefilling the whole conversation:\n\n"
-                         + section_ttft(rb, records, sizes, args.repeats))
-        if "identical" in wanted:
-            parts.append("Saved history vs full recompute of the whole conversation: "
-                         + section_identical(rb, synthetic, args.conversations, args.turns)[0])
-        if "truncation" in wanted:
-            parts.append("Truncation (oldest turns dropped, kept turns re-positioned, not recomputed) vs a fresh "
-                         "prefill of the truncated conversation: "
-                         + section_identical(rb, synthetic, args.conversations // 2, args.turns, 500)[0])
-        if "tiers" in wanted:
-            parts.append("RAM tier: " + section_tiers(rb, synthetic, 50, 3, 10))
-        if "topic" in wanted:
-            parts.append("Topic switches: " + section_topic(rb, records, args.conversations // 2, args.turns))
+        for name in args.sections.split(","):
+            body = (f"{runs[name]()}\n\nMachine: {machine()}. "
+                    f"Command: `python benchmarks/sessions.py --sections {name}`")
+            print(body, flush=True)
+            if args.write_docs:
+                replace_section(f"sessions-{name}", body)
         rb.close()
-    command = f"python benchmarks/sessions.py --sections {args.sections}"
-    body = "\n\n".join(parts) + f"\n\nCommand: `{command}`"
-    print(body)
-    if args.write_docs:
-        replace_section("sessions", "## Sessions: multi-turn KV reuse\n\n" + body)
 
 
 if __name__ == "__main__":
