@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from index.docstore import ChunkRecord, DocRecord, vector_id
+from index.docstore import ChunkRecord, DocRecord
 from index.embedder import Embedder
 from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.precompute import ChunkKV, batches_by_length, compute_kv
@@ -154,7 +153,7 @@ class Ingestor:
             vectors = [self.store.docs.get_embedding(txn, cid) for cid in live]
             self.store.bump_generation(txn)
             generation = self.store.generation(txn)
-        self._sync_index(live, vectors, dead, generation)
+        self.store.update_index(live, vectors, dead, generation)
 
     def delete(self, doc_ids: list[str]) -> None:
         """Remove documents, and every chunk (KV, embedding, text) no other document shares."""
@@ -170,7 +169,7 @@ class Ingestor:
             _, dead = self._split_live(txn, touched)
             self.store.bump_generation(txn)
             generation = self.store.generation(txn)
-        self._sync_index([], [], dead, generation)
+        self.store.update_index([], [], dead, generation)
 
     def _split_live(self, txn, touched: set[str]) -> tuple[list[str], list[str]]:
         """Chunks still referenced, and the unreferenced ones, which are deleted here."""
@@ -184,14 +183,6 @@ class Ingestor:
                 self.store.kv.delete(txn, cid)
                 self.store.budget.forget(txn, cid)
         return live, dead
-
-    def _sync_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
-        index = self.store.index
-        if dead:
-            index.remove(np.array([vector_id(c) for c in dead]))
-        if live:
-            index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
-        self.store.save_index(generation)
 
     # ---- the whole run --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvchunks.kvstore import StoredKV
+from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream
@@ -172,10 +172,15 @@ class SessionManager:
         suffix = template.suffix_ids(turn.question)
         new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
         kept = self._fit(template, kept, new_tokens, turn.sampling.max_new_tokens, max_history_tokens)
+        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
         history = self._history(record, kept)
         loaded = time.perf_counter()
-        prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth,
-                                         turn.sampling.max_new_tokens + len(template.joint_ids))
+        try:
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+        except CorruptKVError as error:  # a damaged turn record: recompute that turn from its tokens
+            self._drop_segment(session_id, error.key, kept)
+            history = self._history(record, kept)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
         prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
                                 history_source=history.source, topic_switch=float(switched),
                                 retrieve_s=turn.retrieve_s)
@@ -220,6 +225,18 @@ class SessionManager:
                               [*history.sources, (len(history.token_ids), kv)],
                               max(history.source, source, key=SOURCES.index))
         return history
+
+    def _drop_segment(self, session_id: str, key: str, turns: list[Turn]) -> None:
+        damaged = [t for t in turns if self.store.segment_key(session_id, t.segment) == key]
+        if not damaged:
+            raise CorruptKVError(key, -1)
+        damaged[0].has_kv = False
+        with self.store.env.begin(write=True) as txn:
+            self.store.kv.delete(txn, key)
+            record = self.store.read(txn, session_id)
+            for stored in record.turns:
+                stored.has_kv = stored.has_kv and stored.segment != damaged[0].segment
+            self.store.write(txn, record)
 
     def _recompute(self, session_id: str, history: History, turn: Turn) -> ChunkKV:
         """A turn whose save never committed (a crash): prefill its tokens behind the history and store them."""

@@ -124,6 +124,7 @@ class Store:
         if self.manifest:
             self._open_kv(self.manifest)
         self._index: VectorIndex | None = None
+        self._index_generation = -1
 
     def _open_kv(self, manifest: Manifest) -> None:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
@@ -175,17 +176,31 @@ class Store:
 
     @property
     def index(self) -> VectorIndex:
-        if self._index is None:
-            self._index = self._load_or_rebuild_index()
-        return self._index
-
-    def _load_or_rebuild_index(self) -> VectorIndex:
+        """The index as of the last commit, reloaded when another process (or Store) has committed since."""
         with self.env.begin() as txn:
             generation = self.generation(txn)
+        if self._index is None or generation != self._index_generation:
+            self._load_or_rebuild_index(generation)
+        return self._index
+
+    def _load_or_rebuild_index(self, generation: int) -> None:
         saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
         if saved == generation and self._index_path.is_file():
-            return VectorIndex.load(self._index_path)
-        return self.rebuild_index()
+            self._index, self._index_generation = VectorIndex.load(self._index_path), generation
+        else:
+            self.rebuild_index()
+
+    def update_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
+        """Apply one commit's changes to the index; a process that missed other commits rebuilds instead."""
+        if self._index is None or self._index_generation != generation - 1:
+            self.rebuild_index()
+            return
+        if dead:
+            self._index.remove(np.array([vector_id(c) for c in dead]))
+        if live:
+            self._index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
+        self._index_generation = generation
+        self.save_index(generation)
 
     def rebuild_index(self) -> VectorIndex:
         """Recreate the FAISS index from the embeddings of every referenced chunk."""
@@ -196,14 +211,14 @@ class Store:
             vectors = [self.docs.get_embedding(txn, cid) for cid in chunk_ids]
         if chunk_ids:
             index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
-        self._index = index
+        self._index, self._index_generation = index, generation
         self.save_index(generation)
         return index
 
     def save_index(self, generation: int) -> None:
         if self.readonly:
             return
-        self.index.save(self._index_path)
+        self._index.save(self._index_path)
         tmp = self._generation_path.with_suffix(".tmp")
         tmp.write_text(str(generation))
         os.replace(tmp, self._generation_path)

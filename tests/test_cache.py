@@ -248,3 +248,38 @@ def test_bad_ttl_settings_are_refused(make_rb, bad):
 
     with pytest.raises(DocumentError):
         make_rb().add_documents([{**DOCS[0], **bad}])
+
+
+def test_a_process_querying_while_another_ingests_sees_only_whole_documents(tmp_path, smollm_dir, embedder):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import make_tiny_model_dir
+    from ragblend.engine.model import load_model
+
+    model_dir = make_tiny_model_dir(tmp_path, "llama", smollm_dir)
+    docs = [{"id": f"note-{i}", "text": f"Note {i} is about topic {i}. " * 20} for i in range(24)]
+    store = tmp_path / "store"
+    rb = RagBlend(store, model=load_model(model_dir), embedder=embedder)
+    rb.add_documents(docs[:1])
+    script = textwrap.dedent(f"""
+        from ragblend.api import RagBlend
+        rb = RagBlend({str(store)!r}, model={str(model_dir)!r})
+        for doc in {docs[1:]!r}:
+            rb.add_documents([doc])
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while child.poll() is None:
+        for hit in rb.search("Which note is about a topic?", top_k=5):
+            with rb.store.env.begin() as txn:
+                record = rb.store.docs.get_doc(txn, hit.doc_id)
+                assert all(rb.store.kv.contains(txn, c) for c in record.chunk_ids)
+            seen.add(hit.doc_id)
+        rb.query("Which note is about topic 3?", top_k=2, mode="reuse", max_new_tokens=1)
+    assert child.returncode == 0, child.stderr.read()
+    assert rb.stats().documents == len(docs)
+    assert len(rb.search("Which note is about a topic?", top_k=30)) == len(docs)  # the index caught up
+    rb.close()
+    rb.store.close()

@@ -296,3 +296,20 @@ def test_a_session_saved_for_another_model_is_refused(rb):
         store.write(txn, record)
     with pytest.raises(StoreMismatchError, match="another model"):
         rb.chat(chat.session_id)
+
+
+def test_a_damaged_turn_record_is_recomputed_not_served(rb):
+    chat = rb.chat()
+    chat.send("Who built the lighthouse?", contexts=PASSAGES[:2], mode="full", max_new_tokens=4)
+    chat.wait()
+    store = rb.session_manager.store
+    key = store.segment_key(chat.session_id, 0)
+    layer_key = store.kv._layer_key(key, 1)
+    with store.env.begin(write=True) as txn:
+        damaged = bytearray(txn.get(layer_key, db=store.kv.kv_db))
+        damaged[5] ^= 0xFF
+        txn.put(layer_key, bytes(damaged), db=store.kv.kv_db)
+    store.ram.clear()
+    answer, reference = send_and_reference(rb, chat, "Where did she move?", PASSAGES[2:], mode="full")
+    assert answer.timings["history_source"] == "recomputed"
+    assert (answer.first_token_logits - reference).abs().max() < 2e-2
