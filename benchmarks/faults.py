@@ -33,9 +33,11 @@ from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def documents(count: int) -> list[dict]:
+def documents(count: int, passages_per_doc: int = 3) -> list[dict]:
+    """`count` synthetic documents of `passages_per_doc` passages each."""
     passages = [c["text"] for r in make_synthetic(count, seed=5) for c in r["ctxs"]]
-    return [{"id": f"doc-{i}", "text": " ".join(passages[3 * i: 3 * i + 3])} for i in range(count)]
+    n = passages_per_doc
+    return [{"id": f"doc-{i}", "text": " ".join(passages[n * i: n * i + n])} for i in range(count)]
 
 
 def run_child(store: Path, docs_file: Path, kill_after: float | None) -> tuple[int, float]:
