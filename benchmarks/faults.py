@@ -3,9 +3,10 @@ document is fully present or fully absent, and rerunning the ingest completes it
 
     python benchmarks/faults.py --trials 20 [--docs 40] [--write-docs]
 
-Each trial ingests the same synthetic documents into a fresh store in a child process (which loads
-the model itself, so kill points fall in loading, chunking, KV precompute and commits alike) and
-SIGKILLs it after a uniformly random delay within the measured length of an uninterrupted run.
+Each trial ingests the same synthetic documents into a fresh store in a child process, a few
+documents per `add_documents` call so that commits happen all along (the child loads the model
+itself, so kill points fall in loading, chunking, KV precompute and commits alike), and SIGKILLs it
+after a uniformly random delay within the measured length of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ragblend.engine.model import load_model  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+BATCH = 4  # documents per add_documents call in the child: one commit each
 
 
 def documents(count: int, passages_per_doc: int = 3) -> list[dict]:
@@ -45,7 +47,9 @@ def run_child(store: Path, docs_file: Path, kill_after: float | None) -> tuple[i
         import json
         from ragblend.api import RagBlend
         rb = RagBlend({str(store)!r})
-        rb.add_documents(json.load(open({str(docs_file)!r})))
+        docs = json.load(open({str(docs_file)!r}))
+        for start in range(0, len(docs), {BATCH}):
+            rb.add_documents(docs[start:start + {BATCH}])
     """)
     start = time.monotonic()
     child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -111,7 +115,7 @@ def main() -> None:
     table = ("| trial | kill after s | child | documents present | consistency | rerun completes |\n"
              "|---|---|---|---|---|---|\n"
              + "\n".join(f"| {t} | {d:.1f} | {c} | {p} | {s} | {r} |" for t, d, c, p, s, r in rows))
-    body = (f"Kill -9 of `RagBlend.add_documents` ({args.docs} documents, an uninterrupted run takes "
+    body = (f"Kill -9 of an ingest ({args.docs} documents, {BATCH} per `add_documents` call; an uninterrupted run takes "
             f"{full_run:.1f} s with model loading) at {args.trials} random points: **{failures} failures**.\n\n"
             f"{table}\n\nMachine: {machine()}. Command: `python benchmarks/faults.py --trials {args.trials} "
             f"--docs {args.docs}`")
