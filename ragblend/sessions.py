@@ -166,21 +166,8 @@ class SessionManager:
         start = time.perf_counter()
         embedding = self.embed(turn.question) if on_topic_switch == "drop" else None
         switched = embedding is not None and self._off_topic(record, turn.chunks, embedding)
-        kept = [] if switched else list(record.turns)
-        in_history = {c for t in kept for c in t.chunk_ids}
-        chunks = _unique([c for c in turn.chunks if c.chunk_id not in in_history])
-        suffix = template.suffix_ids(turn.question)
-        new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
-        kept = self._fit(template, kept, new_tokens, turn.sampling.max_new_tokens, max_history_tokens)
-        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
-        history = self._history(record, kept)
-        loaded = time.perf_counter()
-        try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
-        except CorruptKVError as error:  # a damaged turn record: recompute that turn from its tokens
-            self._drop_segment(session_id, error.key, kept)
-            history = self._history(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+        kept, chunks, suffix = self._plan(template, [] if switched else list(record.turns), turn, max_history_tokens)
+        prepared, history, loaded = self._prefill(record, kept, chunks, suffix, turn, template)
         prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
                                 history_source=history.source, topic_switch=float(switched),
                                 retrieve_s=turn.retrieve_s)
@@ -189,6 +176,29 @@ class SessionManager:
                           {t.segment for t in kept}, template)
         answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=saved.commit)
         return _released(answer, release) if stream else answer
+
+    def _plan(self, template: PromptTemplate, turns: list[Turn], turn: TurnRequest,
+              max_history_tokens: int | None) -> tuple[list[Turn], list[ContextChunk], list[int]]:
+        """The turns kept in the prompt, the new chunks (those not in them already) and the question suffix."""
+        in_history = {c for t in turns for c in t.chunk_ids}
+        chunks = _unique([c for c in turn.chunks if c.chunk_id not in in_history])
+        suffix = template.suffix_ids(turn.question)
+        new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
+        return self._fit(template, turns, new_tokens, turn.sampling.max_new_tokens, max_history_tokens), chunks, suffix
+
+    def _prefill(self, record: SessionRecord, kept: list[Turn], chunks: list[ContextChunk], suffix: list[int],
+                 turn: TurnRequest, template: PromptTemplate) -> tuple[PreparedPrompt, History, float]:
+        """The turn's prefill over its history; a damaged turn record is recomputed and the prefill retried."""
+        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
+        history = self._history(record, kept)
+        loaded = time.perf_counter()
+        try:
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+        except CorruptKVError as error:
+            self._drop_segment(record.id, error.key, kept)
+            history = self._history(record, kept)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+        return prepared, history, loaded
 
     def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
         """No chunk shared with the recent turns and the question unlike each of their question+answer."""
