@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import lmdb
 from tqdm.auto import tqdm
 
 from index.docstore import ChunkRecord, DocRecord
@@ -18,7 +19,7 @@ from kvchunks.precompute import ChunkKV, batches_by_length, compute_kv
 from ragblend.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.store import Store
+from ragblend.store import MAX_STORE_BYTES_ENV, Store, StoreFullError
 
 COMMIT_EVERY_CHUNKS = 64
 
@@ -196,10 +197,19 @@ class Ingestor:
         return gone + self.store.drop_expired_kv(now)
 
     def ingest(self, docs: list[Document], progress: bool = True, ttl_s: float | None = None) -> IngestReport:
-        """`ttl_s`: the TTL of documents that do not set their own (None: no expiry)."""
+        """`ttl_s`: the TTL of documents that do not set their own (None: no expiry). A full store or
+        disk raises StoreFullError; documents committed before stay whole, the rest are absent."""
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self._ttl_s = ttl_s
+        try:
+            return self._ingest(docs, progress)
+        except (lmdb.MapFullError, lmdb.DiskError) as exc:
+            raise StoreFullError(f"store {self.store.path} is full ({exc.__class__.__name__}): free disk space, "
+                                 f"raise {MAX_STORE_BYTES_ENV}, or set a KV budget (kv_max_bytes); documents "
+                                 "committed before this point are intact") from None
+
+    def _ingest(self, docs: list[Document], progress: bool) -> IngestReport:
         self.expire()
         start = time.perf_counter()
         planned, unchanged = self._plan(docs)

@@ -19,7 +19,16 @@ from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVStore
 
 FORMAT_VERSION = 1
-_MAP_SIZE = 1 << 40  # address space only: the file grows with the data (sparse on Linux)
+MAX_STORE_BYTES_ENV = "RAGBLEND_MAX_STORE_BYTES"  # caps a store's file; default 1 TiB of address space
+
+
+def _map_size() -> int:
+    """LMDB's map size: address space only, the file grows with the data (sparse on Linux)."""
+    return int(os.environ.get(MAX_STORE_BYTES_ENV, 1 << 40))
+
+
+class StoreFullError(RuntimeError):
+    """The store reached its size cap (or the disk is full); what was committed before stays intact."""
 
 
 _OPEN_ENVS: dict[Path, lmdb.Environment] = {}
@@ -35,7 +44,7 @@ def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
         return cached
     if cached is not None:
         cached.close()  # a read-only handle is upgraded to a writable one
-    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_MAP_SIZE, max_dbs=16, readonly=readonly)
+    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_map_size(), max_dbs=16, readonly=readonly)
     return _OPEN_ENVS[key]
 
 

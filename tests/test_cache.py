@@ -283,3 +283,21 @@ def test_a_process_querying_while_another_ingests_sees_only_whole_documents(tmp_
     assert len(rb.search("Which note is about a topic?", top_k=30)) == len(docs)  # the index caught up
     rb.close()
     rb.store.close()
+
+
+def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_factory, embedder, tmp_path,
+                                                                     monkeypatch):
+    from ragblend.store import StoreFullError
+
+    monkeypatch.setenv("RAGBLEND_MAX_STORE_BYTES", str(4 << 20))
+    rb = RagBlend(tmp_path / "small", model=tiny_model_factory("llama"), embedder=embedder)
+    many = [{"id": f"n{i}", "text": f"Note {i}: " + "words about this note " * 20} for i in range(200)]
+    with pytest.raises(StoreFullError, match="is full"):
+        for start in range(0, len(many), 10):
+            rb.add_documents(many[start:start + 10])
+    committed = rb.stats().documents
+    assert 0 < committed < len(many) and committed % 10 == 0
+    assert rb.store.check() == []
+    assert rb.search("Note 0", top_k=1)[0].doc_id.startswith("n")
+    rb.close()
+    rb.store.close()
