@@ -16,7 +16,7 @@ import numpy as np
 from index.docstore import DocRecord, DocStore, vector_id
 from index.vector_index import VectorIndex
 from kvchunks.budget import KVBudget
-from kvchunks.kvstore import KVStore
+from kvchunks.kvstore import KVMeta, KVStore
 
 FORMAT_VERSION = 1
 MAX_STORE_BYTES_ENV = "RAGBLEND_MAX_STORE_BYTES"  # caps a store's file; default 1 TiB of address space
@@ -93,6 +93,8 @@ class StoreStats:
     kv_misses: int = 0
     evictions: int = 0
     sessions: int = 0
+    session_bytes: int = 0  # conversation KV on disk (each process's RAM tier holds a bounded copy)
+    evictable_bytes: int = 0  # chunk KV that is not pinned
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -104,9 +106,9 @@ class StoreStats:
             ("tokens", f"{self.tokens:,}"),
             ("KV payload", f"{self.kv_bytes / 1e6:,.1f} MB{budget}"
              + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
-            ("pinned", f"{self.pinned_bytes / 1e6:,.1f} MB"),
+            ("pinned", f"{self.pinned_bytes / 1e6:,.1f} MB (evictable {self.evictable_bytes / 1e6:,.1f} MB)"),
             ("KV uses", f"{self.kv_hits:,} hits, {self.kv_misses:,} misses, {self.evictions:,} evictions"),
-            ("sessions", f"{self.sessions:,}"),
+            ("sessions", f"{self.sessions:,} ({self.session_bytes / 1e6:,.1f} MB of KV on disk)"),
             ("on disk", f"{self.disk_bytes / 1e6:,.1f} MB"),
         ]
         if m:
@@ -249,11 +251,21 @@ class Store:
                     pinned_bytes += meta.payload_bytes if record.chunk_id in pinned else 0
                     tokens += meta.tokens
             budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
-            sessions = self._count(txn, b"sessions")
+            sessions, session_bytes = self._count(txn, b"sessions"), self._session_bytes(txn)
         disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
-                          pinned_bytes=pinned_bytes, evicted_chunks=evicted, sessions=sessions, **budget)
+                          pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
+                          sessions=sessions, session_bytes=session_bytes, **budget)
+
+    def _session_bytes(self, txn: lmdb.Transaction) -> int:
+        """KV bytes of every conversation turn on disk (the session records' metadata)."""
+        try:
+            db = self.env.open_db(b"sessionmeta", txn=txn, create=False)
+        except lmdb.Error:
+            return 0
+        with txn.cursor(db=db) as cursor:
+            return sum(KVMeta(**json.loads(bytes(raw))).payload_bytes for raw in cursor.iternext(keys=False))
 
     def _count(self, txn: lmdb.Transaction, name: bytes) -> int:
         """Entries of a named database, 0 if it was never created."""

@@ -115,6 +115,7 @@ def test_stats_json_reports_budget_counters_and_sessions(make_rb, capsys):
                 "chunks", "sessions"):
         assert key in stats, key
     assert stats["kv_max_bytes"] == 50_000_000 and stats["kv_hits"] >= 2 and stats["sessions"] == 1
+    assert stats["session_bytes"] > 0 and stats["evictable_bytes"] == stats["kv_bytes"] - stats["pinned_bytes"]
 
 
 def test_gc_removes_foreign_and_orphan_kv_and_expired_sessions(make_rb):
