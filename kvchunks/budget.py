@@ -10,8 +10,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-
 import lmdb
 
 from kvchunks.kvstore import KVStore
@@ -21,13 +19,6 @@ COUNTERS = ("kv_hits", "kv_misses", "evictions")
 
 class PinnedOverBudgetError(ValueError):
     """Pinned chunks alone need more bytes than the KV budget allows."""
-
-
-@dataclass(frozen=True)
-class Usage:
-    kv_bytes: int
-    pinned_bytes: int
-    chunks_with_kv: int
 
 
 class KVBudget:
@@ -101,10 +92,6 @@ class KVBudget:
             txn.delete(chunk_id.encode(), db=self.lru_db)
 
     # ---- eviction -------------------------------------------------------------------------------
-
-    def usage(self, txn: lmdb.Transaction, pinned: set[str]) -> Usage:
-        sizes = self._sizes(txn)
-        return Usage(sum(sizes.values()), sum(b for c, b in sizes.items() if c in pinned), len(sizes))
 
     def _sizes(self, txn: lmdb.Transaction) -> dict[str, int]:
         sizes = {}

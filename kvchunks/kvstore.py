@@ -56,6 +56,11 @@ class KVMeta:
         return self.layer_bytes * self.layers
 
 
+def _layer_of(meta_key: bytes, layer: int) -> bytes:
+    """A layer record's key: its span's metadata key, then the layer."""
+    return meta_key + f"/{layer:04d}".encode()
+
+
 class KVStore:
     """`family` names the pair of databases: "kv" for document chunks, "session" for conversation turns;
     both hold the same record format, so every reader and writer serves both."""
@@ -71,7 +76,7 @@ class KVStore:
         return f"{self.fingerprint}/{chunk_id}".encode()
 
     def _layer_key(self, chunk_id: str, layer: int) -> bytes:
-        return f"{self.fingerprint}/{chunk_id}/{layer:04d}".encode()
+        return _layer_of(self._meta_key(chunk_id), layer)
 
     def meta(self, txn: lmdb.Transaction, chunk_id: str) -> KVMeta | None:
         raw = txn.get(self._meta_key(chunk_id), db=self.meta_db)
@@ -97,12 +102,7 @@ class KVStore:
         return total
 
     def delete(self, txn: lmdb.Transaction, chunk_id: str) -> None:
-        meta = self.meta(txn, chunk_id)
-        if meta is None:
-            return
-        for layer in range(meta.layers):
-            txn.delete(self._layer_key(chunk_id, layer), db=self.kv_db)
-        txn.delete(self._meta_key(chunk_id), db=self.meta_db)
+        self._delete_record(txn, self._meta_key(chunk_id))
 
     def read_layer(self, txn: lmdb.Transaction, chunk_id: str, layer: int, meta: KVMeta) -> tuple[np.ndarray, np.ndarray]:
         """One layer's K and V as the record's codec decodes them (fp16: zero-copy views valid while `txn`
@@ -143,10 +143,15 @@ class KVStore:
         return found
 
     def delete_foreign(self, txn: lmdb.Transaction, meta_key: bytes) -> None:
-        """Drop a foreign record's layers (keys `<meta key>/<layer>`) and its metadata."""
-        meta = KVMeta(**json.loads(bytes(txn.get(meta_key, db=self.meta_db))))
-        for layer in range(meta.layers):
-            txn.delete(meta_key + f"/{layer:04d}".encode(), db=self.kv_db)
+        self._delete_record(txn, meta_key)
+
+    def _delete_record(self, txn: lmdb.Transaction, meta_key: bytes) -> None:
+        """A record's layers and its metadata."""
+        raw = txn.get(meta_key, db=self.meta_db)
+        if raw is None:
+            return
+        for layer in range(KVMeta(**json.loads(bytes(raw))).layers):
+            txn.delete(_layer_of(meta_key, layer), db=self.kv_db)
         txn.delete(meta_key, db=self.meta_db)
 
     def verify(self, txn: lmdb.Transaction, chunk_id: str) -> list[str]:

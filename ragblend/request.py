@@ -113,7 +113,7 @@ class RequestPath:
         with self.store.env.begin(write=True) as txn:
             for chunk_id, kv in zip(missing, kvs):
                 self.store.kv.put(txn, chunk_id, kv)
-            budget.enforce(txn, self.store.pinned_chunks(txn), protect={c.chunk_id for c in chunks})
+            self.store.enforce_budget({c.chunk_id for c in chunks}, txn)
         return len(missing)
 
     def _run_engine(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,

@@ -279,16 +279,20 @@ class Store:
     def pinned_chunks(self, txn: lmdb.Transaction) -> set[str]:
         return {c for doc in self.docs.doc_records(txn) if doc.pinned for c in doc.chunk_ids}
 
-    def enforce_budget(self, protect: set[str] = frozenset()) -> list[str]:
-        """Evict least recently used KV until the store is within its budget (see kvchunks.budget)."""
-        with self.env.begin(write=True) as txn:
-            return self.budget.enforce(txn, self.pinned_chunks(txn), protect)
+    def enforce_budget(self, protect: set[str] = frozenset(), txn: lmdb.Transaction | None = None) -> list[str]:
+        """Evict least recently used KV until the store is within its budget (see kvchunks.budget), in
+        `txn` or a transaction of its own; pins are only read when there is a budget to keep."""
+        if txn is None:
+            with self.env.begin(write=True) as own:
+                return self.enforce_budget(protect, own)
+        pinned = self.pinned_chunks(txn) if self.budget.max_bytes(txn) is not None else set()
+        return self.budget.enforce(txn, pinned, protect)
 
     def set_kv_max_bytes(self, max_bytes: int | None) -> None:
         """Persist the KV budget (None: unbounded) and apply it now; refused if pins alone exceed it."""
         with self.env.begin(write=True) as txn:
             self.budget.set_max_bytes(txn, max_bytes)
-            self.budget.enforce(txn, self.pinned_chunks(txn))
+            self.enforce_budget(txn=txn)
 
     def expired_documents(self, txn: lmdb.Transaction, now: float) -> list[DocRecord]:
         return [d for d in self.docs.doc_records(txn) if d.expires_at is not None and d.expires_at <= now]
@@ -314,7 +318,7 @@ class Store:
                     raise KeyError(f"unknown document id {doc_id!r}")
                 record.pinned = pinned
                 self.docs.put_doc(txn, record)
-            self.budget.enforce(txn, self.pinned_chunks(txn))
+            self.enforce_budget(txn=txn)
 
     def check(self) -> list[str]:
         """Consistency problems: documents pointing at missing chunks, chunks without KV or embedding."""
