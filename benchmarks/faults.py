@@ -66,8 +66,8 @@ def all_or_nothing(rb: RagBlend, expected: dict[str, str]) -> list[str]:
     """Problems: a document present without every chunk, its KV and its embedding."""
     problems = []
     with rb.store.env.begin() as txn:
-        for doc_id in rb.store.docs.doc_ids(txn):
-            record = rb.store.docs.get_doc(txn, doc_id)
+        for record in rb.store.docs.doc_records(txn):
+            doc_id = record.doc_id
             for chunk_id in record.chunk_ids:
                 chunk = rb.store.docs.get_chunk(txn, chunk_id)
                 if chunk is None or not rb.store.kv.contains(txn, chunk_id) or \

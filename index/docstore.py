@@ -13,6 +13,8 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from index.namespaces import DEFAULT_NAMESPACE, SEPARATOR, scoped
+
 
 @dataclass
 class DocRecord:
@@ -25,6 +27,7 @@ class DocRecord:
     pinned: bool = False  # its chunks' KV is never evicted
     expires_at: float | None = None  # wall-clock time its TTL ends
     expire: str = "kv"  # what then goes: "kv" or the whole "document"
+    namespace: str = DEFAULT_NAMESPACE
 
 
 @dataclass
@@ -32,7 +35,8 @@ class ChunkRecord:
     chunk_id: str
     text: str
     token_ids: list[int]
-    refs: list[list] = field(default_factory=list)  # [doc_id, position] pairs
+    refs: list[list] = field(default_factory=list)  # [doc_id, position] pairs, all in the chunk's namespace
+    namespace: str = DEFAULT_NAMESPACE
 
     @property
     def doc_id(self) -> str | None:
@@ -52,27 +56,35 @@ def _vid_key(vid: int) -> bytes:
     return vid.to_bytes(8, "big")
 
 
+def _namespace_key(namespace: str, vid: int = -1) -> bytes:
+    """Key of a vector in its namespace's list; the bare prefix (vid -1) for a scan."""
+    prefix = namespace.encode() + SEPARATOR.encode()
+    return prefix if vid < 0 else prefix + _vid_key(vid)
+
+
 class DocStore:
     def __init__(self, env: lmdb.Environment):
         self.docs_db = env.open_db(b"docs")
         self.chunks_db = env.open_db(b"chunks")
         self.emb_db = env.open_db(b"emb")
         self.vids_db = env.open_db(b"vids")  # FAISS id -> chunk id
+        self.namespaced_db = env.open_db(b"nsvids")  # namespace + FAISS id of chunks outside the default namespace
 
     @staticmethod
     def _get_json(txn: lmdb.Transaction, db, key: str) -> dict | None:
         raw = txn.get(key.encode(), db=db)
         return None if raw is None else json.loads(bytes(raw))
 
-    def get_doc(self, txn: lmdb.Transaction, doc_id: str) -> DocRecord | None:
-        data = self._get_json(txn, self.docs_db, doc_id)
+    def get_doc(self, txn: lmdb.Transaction, doc_id: str, namespace: str = DEFAULT_NAMESPACE) -> DocRecord | None:
+        data = self._get_json(txn, self.docs_db, scoped(namespace, doc_id))
         return None if data is None else DocRecord(**data)
 
     def put_doc(self, txn: lmdb.Transaction, record: DocRecord) -> None:
-        txn.put(record.doc_id.encode(), json.dumps(asdict(record)).encode(), db=self.docs_db)
+        key = scoped(record.namespace, record.doc_id)
+        txn.put(key.encode(), json.dumps(asdict(record)).encode(), db=self.docs_db)
 
-    def delete_doc(self, txn: lmdb.Transaction, doc_id: str) -> None:
-        txn.delete(doc_id.encode(), db=self.docs_db)
+    def delete_doc(self, txn: lmdb.Transaction, doc_id: str, namespace: str = DEFAULT_NAMESPACE) -> None:
+        txn.delete(scoped(namespace, doc_id).encode(), db=self.docs_db)
 
     def get_chunk(self, txn: lmdb.Transaction, chunk_id: str) -> ChunkRecord | None:
         data = self._get_json(txn, self.chunks_db, chunk_id)
@@ -81,11 +93,27 @@ class DocStore:
     def put_chunk(self, txn: lmdb.Transaction, record: ChunkRecord) -> None:
         txn.put(record.chunk_id.encode(), json.dumps(asdict(record)).encode(), db=self.chunks_db)
         txn.put(_vid_key(vector_id(record.chunk_id)), record.chunk_id.encode(), db=self.vids_db)
+        if record.namespace != DEFAULT_NAMESPACE:
+            txn.put(_namespace_key(record.namespace, vector_id(record.chunk_id)), b"", db=self.namespaced_db)
 
-    def delete_chunk(self, txn: lmdb.Transaction, chunk_id: str) -> None:
-        txn.delete(chunk_id.encode(), db=self.chunks_db)
-        txn.delete(chunk_id.encode(), db=self.emb_db)
-        txn.delete(_vid_key(vector_id(chunk_id)), db=self.vids_db)
+    def delete_chunk(self, txn: lmdb.Transaction, record: ChunkRecord) -> None:
+        txn.delete(record.chunk_id.encode(), db=self.chunks_db)
+        txn.delete(record.chunk_id.encode(), db=self.emb_db)
+        txn.delete(_vid_key(vector_id(record.chunk_id)), db=self.vids_db)
+        if record.namespace != DEFAULT_NAMESPACE:
+            txn.delete(_namespace_key(record.namespace, vector_id(record.chunk_id)), db=self.namespaced_db)
+
+    def namespace_vectors(self, txn: lmdb.Transaction, namespace: str | None) -> np.ndarray:
+        """FAISS ids of one namespace's chunks (not the default one), or of every namespaced chunk (None)."""
+        prefix = b"" if namespace is None else _namespace_key(namespace)
+        vids = []
+        with txn.cursor(db=self.namespaced_db) as cursor:
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    vids.append(int.from_bytes(bytes(key)[-8:], "big"))
+        return np.array(vids, dtype=np.int64)
 
     def chunk_for_vector(self, txn: lmdb.Transaction, vid: int) -> ChunkRecord | None:
         chunk_id = txn.get(_vid_key(vid), db=self.vids_db)
@@ -97,10 +125,6 @@ class DocStore:
     def get_embedding(self, txn: lmdb.Transaction, chunk_id: str) -> np.ndarray | None:
         raw = txn.get(chunk_id.encode(), db=self.emb_db)
         return None if raw is None else np.frombuffer(bytes(raw), dtype=np.float32)
-
-    def doc_ids(self, txn: lmdb.Transaction) -> list[str]:
-        with txn.cursor(db=self.docs_db) as cursor:
-            return [bytes(key).decode() for key in cursor.iternext(values=False)]
 
     def chunk_records(self, txn: lmdb.Transaction) -> list[ChunkRecord]:
         with txn.cursor(db=self.chunks_db) as cursor:

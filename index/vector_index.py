@@ -76,18 +76,34 @@ class VectorIndex:
         self._index = _new_index(self.dim, self.kind)
         self._index.add_with_ids(np.ascontiguousarray(vectors), ids)
 
-    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """Top-`k` `(id, score)` pairs for one `[dim]` query, best first."""
+    def search(self, query: np.ndarray, k: int, only: np.ndarray | None = None,
+               excluded: np.ndarray | None = None) -> list[tuple[int, float]]:
+        """Top-`k` `(id, score)` pairs for one `[dim]` query, best first, among the ids in `only` (when
+        given) and not in `excluded`: FAISS applies the filter while it searches, so k stays k."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         query = np.asarray(query, dtype=np.float32)
         if query.shape != (self.dim,):
             raise ValueError(f"query must have shape [{self.dim}], got {list(query.shape)}")
-        if len(self) == 0:
+        if len(self) == 0 or (only is not None and len(only) == 0):
             return []
-        scores, ids = self._index.search(query[None, :], min(k, len(self)))
-        # HNSW may find fewer than k neighbours; FAISS pads those slots with id -1.
+        params = self._filter(only, excluded)
+        scores, ids = self._index.search(query[None, :], min(k, len(self)), params=params)
+        # HNSW (or a filter) may leave fewer than k neighbours; FAISS pads those slots with id -1.
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
+
+    def _filter(self, only: np.ndarray | None, excluded: np.ndarray | None) -> faiss.SearchParameters | None:
+        if only is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(only, dtype=np.int64))
+        elif excluded is not None and len(excluded):
+            inner = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+            selector = faiss.IDSelectorNot(inner)
+            selector.referenced = inner  # the C++ object keeps a raw pointer: keep the Python one alive
+        else:
+            return None
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=HNSW_EF_SEARCH)
+        return faiss.SearchParameters(sel=selector)
 
     def save(self, path: Path) -> None:
         """Write atomically: a temp file in the same folder, then os.replace, so a crash never tears it."""

@@ -21,9 +21,12 @@ class Chunk:
     position: int
 
 
-def chunk_id(kv_fingerprint: str, token_ids: tuple[int, ...] | list[int]) -> str:
-    """Stable across processes and machines (sha256, never Python's salted hash())."""
+def chunk_id(kv_fingerprint: str, token_ids: tuple[int, ...] | list[int], namespace: str = "") -> str:
+    """Stable across processes and machines (sha256, never Python's salted hash()); a tenant namespace
+    gets ids (so KV, embedding and text records) of its own for the same tokens."""
     digest = hashlib.sha256(kv_fingerprint.encode())
+    if namespace:
+        digest.update(b"\x1fnamespace:" + namespace.encode() + b"\x1f")
     digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
     return digest.hexdigest()[:32]
 

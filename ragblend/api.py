@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from index.embedder import Embedder
+from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.chunking import validate_chunk_tokens
 from kvchunks.codecs import codec_for
 from ragblend.answer import Answer, AnswerStream
@@ -81,45 +82,47 @@ class RagBlend:
         self._sessions: SessionManager | None = None
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False,
-                      ttl_s: float | None = None) -> list[str]:
+                      ttl_s: float | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
         """Ingest documents (strings, dicts with `text` and optional `id`, `metadata`, `ttl_s`, `expire`);
-        returns their ids. `ttl_s` is the default TTL (see `expire`)."""
+        returns their ids. `ttl_s` is the default TTL (see `expire`). `namespace`: a tenant whose
+        documents, chunks, KV and sessions no other namespace can retrieve, read or end."""
         documents = [coerce_document(d, f"document {i}") for i, d in enumerate(docs)]
-        self.ingest(documents, progress=progress, ttl_s=ttl_s)
+        self.ingest(documents, progress=progress, ttl_s=ttl_s, namespace=namespace)
         return [d.id for d in documents]
 
-    def ingest(self, documents: list[Document], progress: bool = True, ttl_s: float | None = None) -> IngestReport:
-        return self.ingestor.ingest(documents, progress=progress, ttl_s=ttl_s)
+    def ingest(self, documents: list[Document], progress: bool = True, ttl_s: float | None = None,
+               namespace: str = DEFAULT_NAMESPACE) -> IngestReport:
+        return self.ingestor.ingest(documents, progress=progress, ttl_s=ttl_s, namespace=namespace)
 
     def expire(self) -> list[str]:
         """Apply ended document TTLs now (also done on open and before every ingest): a document with
         `expire="document"` is deleted, any other loses its KV (recomputed on next use); their ids."""
         return self.ingestor.expire()
 
-    def delete_documents(self, ids: Iterable[str]) -> None:
-        self.ingestor.delete(list(ids))
+    def delete_documents(self, ids: Iterable[str], namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.ingestor.delete(list(ids), namespace)
 
-    def pin(self, doc_ids: Iterable[str]) -> None:
+    def pin(self, doc_ids: Iterable[str], namespace: str = DEFAULT_NAMESPACE) -> None:
         """Keep these documents' KV present and never evict it (KV evicted earlier is recomputed now);
         PinnedOverBudgetError, and nothing pinned, if pinned KV would exceed the budget."""
         ids = list(doc_ids)
-        self.requests.ensure_kv(self._document_chunks(ids))
-        self.store.set_pinned(ids, True)
+        self.requests.ensure_kv(self._document_chunks(ids, namespace))
+        self.store.set_pinned(ids, True, namespace)
 
-    def unpin(self, doc_ids: Iterable[str]) -> None:
-        self.store.set_pinned(list(doc_ids), False)
+    def unpin(self, doc_ids: Iterable[str], namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.store.set_pinned(list(doc_ids), False, namespace)
 
-    def search(self, question: str, top_k: int = 4) -> list[SearchHit]:
-        """The `top_k` chunks most similar to `question` (cosine), best first."""
+    def search(self, question: str, top_k: int = 4, namespace: str = DEFAULT_NAMESPACE) -> list[SearchHit]:
+        """The `top_k` chunks of `namespace` most similar to `question` (cosine), best first."""
         self._validate_question(question, top_k)
-        found = self.store.index.search(self.embedder.embed([question])[0], top_k)
+        found = self.store.search(self.embedder.embed([question])[0], top_k, validate_namespace(namespace))
         hits = []
         with self.store.env.begin() as txn:
             for vid, score in found:
                 record = self.store.docs.chunk_for_vector(txn, vid)
-                if record is None or not record.refs:
+                if record is None or not record.refs or record.namespace != namespace:
                     continue
-                doc = self.store.docs.get_doc(txn, record.doc_id)
+                doc = self.store.docs.get_doc(txn, record.doc_id, namespace)
                 hits.append(SearchHit(record.chunk_id, record.doc_id, score, record.text, record.token_ids,
                                       record.position, doc.metadata if doc else {}))
         return hits
@@ -130,21 +133,24 @@ class RagBlend:
     # ---- conversations ------------------------------------------------------------------------
 
     def chat(self, session_id: str | None = None, *, system: str | None = None, ttl_s: float = 3600,
-             create: bool = False, on_topic_switch: str = "keep", max_history_tokens: int | None = None) -> Chat:
+             create: bool = False, on_topic_switch: str = "keep", max_history_tokens: int | None = None,
+             namespace: str = DEFAULT_NAMESPACE) -> Chat:
         """A new conversation (`session_id` None: an id is generated) or an existing one resumed from the
         store; an unknown id raises SessionNotFoundError unless `create=True`. Its turns reuse the whole
-        history as stored KV; `on_topic_switch="drop"` forgets it when a question leaves the topic."""
+        history as stored KV; `on_topic_switch="drop"` forgets it when a question leaves the topic.
+        Session ids are per namespace, and its turns retrieve from that namespace only."""
         manager = self.session_manager
-        record = manager.open(session_id, system, ttl_s, create)
-        return Chat(self, manager, record.id, on_topic_switch, max_history_tokens)
+        record = manager.open(session_id, system, ttl_s, create, namespace)
+        return Chat(self, manager, record, on_topic_switch, max_history_tokens)
 
-    def end_session(self, session_id: str) -> bool:
+    def end_session(self, session_id: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Drop a session's KV from every tier now; False if there was no such session."""
-        return self.session_manager.end(session_id)
+        return self.session_manager.end(session_id, namespace)
 
-    def sessions(self) -> list[SessionInfo]:
-        """Every live session: id, turns, tokens, bytes, last used, tier (expired ones are swept first)."""
-        return self.session_manager.list()
+    def sessions(self, namespace: str = DEFAULT_NAMESPACE) -> list[SessionInfo]:
+        """Every live session of `namespace`: id, turns, tokens, bytes, last used, tier (expired ones are
+        swept first)."""
+        return self.session_manager.list(namespace)
 
     @property
     def session_manager(self) -> SessionManager:
@@ -174,8 +180,9 @@ class RagBlend:
     def query(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
               recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
               stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
-              blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None) -> Answer | AnswerStream:
-        """Retrieve (or take `contexts`), fuse the chunks' stored KV as `mode` says, and generate.
+              blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None,
+              namespace: str = DEFAULT_NAMESPACE) -> Answer | AnswerStream:
+        """Retrieve from `namespace` (or take `contexts`), fuse the chunks' stored KV as `mode` says, and generate.
 
         Modes, all over the same prompt tokens: `full` prefills everything; `prefix` reuses the prefix
         and first chunk; `reuse` concatenates all stored KV and prefills only the question; `blend`
@@ -185,17 +192,18 @@ class RagBlend:
         sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
         prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
                                 check_layer=check_layer, blend=blend, load_depth=load_depth,
-                                reserve_tokens=max_new_tokens)
+                                reserve_tokens=max_new_tokens, namespace=namespace)
         return self.requests.answer(prepared, mode, sampling, stream)
 
     def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
                 recompute_ratio: float | str | None = None, check_layer: int | None = None,
-                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0) -> PreparedPrompt:
+                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0,
+                namespace: str = DEFAULT_NAMESPACE) -> PreparedPrompt:
         """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
         self._validate_query(question, mode, top_k)
         config = self._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
-        chunks = self._contexts(question, contexts, top_k)
+        chunks = self._contexts(question, contexts, top_k, namespace)
         retrieved = time.perf_counter()
         history = History(self.template.prefix_ids, [(0, self.ingestor.prefix_kv)])
         prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
@@ -225,9 +233,10 @@ class RagBlend:
             config = replace(config, check_layer=check_layer)
         return replace(config, check_layer=min(config.check_layer, self.model.num_layers - 1))
 
-    def _contexts(self, question: str, contexts: list | None, top_k: int) -> list[ContextChunk]:
+    def _contexts(self, question: str, contexts: list | None, top_k: int, namespace: str) -> list[ContextChunk]:
+        validate_namespace(namespace)
         if contexts is None:
-            hits = self.search(question, top_k)
+            hits = self.search(question, top_k, namespace)
             if not hits:
                 raise ValueError("the store has no documents to retrieve from; add documents or pass contexts=")
             return [from_hit(h) for h in hits]
@@ -235,29 +244,41 @@ class RagBlend:
             raise ValueError("contexts must be a non-empty list (or None to retrieve)")
         chunks: list[ContextChunk] = []
         for item in contexts:
-            chunks.extend(self._context(item))
+            chunks.extend(self._context(item, namespace))
         return chunks
 
-    def _document_chunks(self, doc_ids: list[str]) -> list[ContextChunk]:
+    def _document_chunks(self, doc_ids: list[str], namespace: str) -> list[ContextChunk]:
         with self.store.env.begin() as txn:
-            docs = {d: self.store.docs.get_doc(txn, d) for d in doc_ids}
-            unknown = [d for d, record in docs.items() if record is None]
+            docs = {d: self.store.docs.get_doc(txn, d, namespace) for d in doc_ids}
+            unknown = [label(namespace, d) for d, record in docs.items() if record is None]
             if unknown:
                 raise KeyError(f"unknown document ids: {', '.join(unknown)}")
             records = [self.store.docs.get_chunk(txn, c) for doc in docs.values() for c in doc.chunk_ids]
         return [ContextChunk(r.chunk_id, tuple(r.token_ids), r.text, r.doc_id) for r in records]
 
-    def _context(self, item) -> list[ContextChunk]:
-        """A SearchHit, a LangChain Document (its stored chunk is reused when it names one) or a string."""
+    def _context(self, item, namespace: str) -> list[ContextChunk]:
+        """A SearchHit, a LangChain Document (its stored chunk is reused when it names one of this
+        namespace's) or a string. A chunk id of another namespace is never followed: its text is used."""
         if isinstance(item, SearchHit):
-            return [from_hit(item)]
-        metadata = getattr(item, "metadata", None) or {}
-        if metadata.get("chunk_id"):
-            with self.store.env.begin() as txn:
-                record = self.store.docs.get_chunk(txn, metadata["chunk_id"])
+            if self._own_chunk(item.chunk_id, item.token_ids, namespace):
+                return [from_hit(item)]
+            text, metadata = item.text, {"doc_id": item.doc_id}
+        else:
+            metadata = getattr(item, "metadata", None) or {}
+            text = getattr(item, "page_content", item)
+            record = self._own_chunk(metadata.get("chunk_id"), None, namespace)
             if record is not None:
                 return [ContextChunk(record.chunk_id, tuple(record.token_ids), record.text, record.doc_id,
                                      metadata.get("score"))]
-        text = getattr(item, "page_content", item)
         return from_text(text, self.template.chunk_ids, self.store.manifest.kv_fingerprint,
-                         self.store.manifest.chunk_tokens, metadata.get("doc_id"))
+                         self.store.manifest.chunk_tokens, metadata.get("doc_id"), namespace)
+
+    def _own_chunk(self, chunk_id: str | None, token_ids: list[int] | None, namespace: str):
+        """The stored chunk `chunk_id` if it is `namespace`'s (and holds `token_ids`, when given), else None."""
+        if not chunk_id:
+            return None
+        with self.store.env.begin() as txn:
+            record = self.store.docs.get_chunk(txn, chunk_id)
+        if record is None or record.namespace != namespace:
+            return None
+        return record if token_ids is None or list(token_ids) == record.token_ids else None

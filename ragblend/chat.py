@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from ragblend.answer import Answer, AnswerStream
 from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.selection import BlendConfig
+from ragblend.session_store import SessionRecord
 from ragblend.sessions import TOPIC_MODES, SessionManager, TurnRequest
 
 if TYPE_CHECKING:
@@ -14,23 +15,24 @@ if TYPE_CHECKING:
 
 
 class Chat:
-    def __init__(self, rb: RagBlend, manager: SessionManager, session_id: str, on_topic_switch: str = "keep",
+    def __init__(self, rb: RagBlend, manager: SessionManager, record: SessionRecord, on_topic_switch: str = "keep",
                  max_history_tokens: int | None = None):
         if on_topic_switch not in TOPIC_MODES:
             raise ValueError(f"on_topic_switch must be one of {', '.join(TOPIC_MODES)}, got {on_topic_switch!r}")
         if max_history_tokens is not None and max_history_tokens < 1:
             raise ValueError(f"max_history_tokens must be >= 1, got {max_history_tokens}")
-        self._rb, self._manager, self.session_id = rb, manager, session_id
+        self._rb, self._manager, self._key = rb, manager, record.id
+        self.session_id, self.namespace = record.name, record.namespace
         self.on_topic_switch, self.max_history_tokens = on_topic_switch, max_history_tokens
 
     @property
     def turns(self) -> int:
-        return len(self._manager.store.get(self.session_id).turns)
+        return len(self._manager.store.get(self._key).turns)
 
     @property
     def history_tokens(self) -> int:
         """Tokens the next turn reuses as stored KV: the prompt prefix and every kept turn."""
-        record = self._manager.store.get(self.session_id)
+        record = self._manager.store.get(self._key)
         template, _ = self._manager.prefix(record.system)
         return len(template.prefix_ids) + record.history_tokens
 
@@ -45,10 +47,10 @@ class Chat:
         rb._validate_query(question, mode, top_k)
         config = rb._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
-        chunks = rb._contexts(question, contexts, top_k)
+        chunks = rb._contexts(question, contexts, top_k, self.namespace)
         turn = TurnRequest(question, chunks, mode, config, sampling, load_depth, time.perf_counter() - start)
-        return self._manager.send(self.session_id, turn, self.on_topic_switch, self.max_history_tokens, stream)
+        return self._manager.send(self._key, turn, self.on_topic_switch, self.max_history_tokens, stream)
 
     def wait(self) -> None:
         """Block until this session's last turn is saved."""
-        self._manager.wait(self.session_id)
+        self._manager.wait(self._key)

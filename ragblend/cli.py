@@ -16,9 +16,9 @@ def _ingest(args: argparse.Namespace) -> None:
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
                   index_kind=args.index, kv_max_bytes=args.kv_max_bytes, kv_dtype=args.kv_dtype)
-    report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s)
+    report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s, namespace=args.namespace)
     if args.pin:
-        rb.pin([d.id for d in docs])
+        rb.pin([d.id for d in docs], args.namespace)
     rb.close()
     print(report.summary())
     print("\n".join(rb.stats().lines()))
@@ -48,7 +48,7 @@ def _query(args: argparse.Namespace) -> None:
 
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder)
     result = rb.query(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio,
-                      max_new_tokens=args.max_new_tokens, stream=args.stream)
+                      max_new_tokens=args.max_new_tokens, stream=args.stream, namespace=args.namespace)
     if args.stream:
         for piece in result:
             print(piece, end="", flush=True)
@@ -66,23 +66,27 @@ def _query(args: argparse.Namespace) -> None:
 def _sessions(args: argparse.Namespace) -> None:
     import time
 
+    from index.namespaces import label, scoped, unscoped
     from ragblend.session_store import SessionStore
 
     sessions = SessionStore(_existing_store(args.store))
     if args.action == "end":
         if not args.id:
             raise ValueError("sessions end needs a session id")
-        if not sessions.delete(args.id):
-            raise KeyError(f"no session {args.id!r}")
-        print(f"ended {args.id}")
+        namespace = args.namespace or ""
+        if not sessions.delete(scoped(namespace, args.id)):
+            raise KeyError(f"no session {label(namespace, args.id)!r}")
+        print(f"ended {label(namespace, args.id)}")
     elif args.action == "gc":
-        expired = sessions.expire()
+        expired = [label(*unscoped(key)) for key in sessions.expire()]
         print(f"expired {len(expired)} idle sessions" + (f": {', '.join(expired)}" if expired else ""))
     else:
         now = time.time()
         for record in sessions.records():
+            if args.namespace is not None and record.namespace != args.namespace:
+                continue
             info = sessions.info(record)
-            print(f"{info.id}  {info.turns} turns  {info.tokens:,} tokens  {info.bytes / 1e6:,.1f} MB  "
+            print(f"{label(info.namespace, info.id)}  {info.turns} turns  {info.tokens:,} tokens  {info.bytes / 1e6:,.1f} MB  "
                   f"idle {now - info.last_used:,.0f}s of {record.ttl_s:,.0f}s")
 
 
@@ -163,6 +167,11 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"results in {out}/")
 
 
+def _namespace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", default="", help="tenant namespace: its documents, KV and sessions are "
+                                                        "invisible to every other (default: the default namespace)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragblend", description="Fast RAG by fusing precomputed per-chunk KV caches.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--ttl-s", type=float, help="documents' TTL in seconds (unless a .jsonl line sets its own "
                                                     "ttl_s): then their KV is dropped, or with expire=document, they are")
     ingest.add_argument("--kv-dtype", choices=["float16", "int8"], help="KV encoding of a new store (default float16)")
+    _namespace_option(ingest)
     ingest.set_defaults(run=_ingest)
 
     query = commands.add_parser("query", help="answer a question from the store",
@@ -196,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="blend: share of chunk tokens to recompute, or auto (default 0.15)")
     query.add_argument("--max-new-tokens", type=int, default=64)
     query.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    _namespace_option(query)
     query.set_defaults(run=_query)
 
     evaluate = commands.add_parser("eval", help="quality and speed of every mode on a dataset",
@@ -228,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("action", choices=["list", "end", "gc"])
     sessions.add_argument("id", nargs="?", help="session id (for end)")
     sessions.add_argument("--store", required=True)
+    sessions.add_argument("--namespace", help="the tenant namespace of the session (end), or to list only (list; "
+                                              "default: every namespace)")
     sessions.set_defaults(run=_sessions)
 
     gc = commands.add_parser("gc", help="remove unreachable records and report the bytes freed",

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from index.docstore import ChunkRecord, DocRecord
 from index.embedder import Embedder
+from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.precompute import ChunkKV, batches_by_length, compute_kv
 from ragblend.documents import Document
@@ -62,6 +63,7 @@ class Ingestor:
         self.max_batch_tokens = max_batch_tokens
         self._prefix_kv: ChunkKV | None = None
         self._ttl_s: float | None = None  # default TTL of the ingest under way
+        self._namespace = DEFAULT_NAMESPACE  # and the namespace it writes to
 
     @property
     def prefix_kv(self) -> ChunkKV:
@@ -89,13 +91,14 @@ class Ingestor:
         planned, unchanged = [], 0
         with self.store.env.begin() as txn:
             for doc in docs:
-                old = self.store.docs.get_doc(txn, doc.id)
+                old = self.store.docs.get_doc(txn, doc.id, self._namespace)
                 if old is not None and old.content_hash == doc.content_hash():
                     unchanged += 1
                     continue
                 chunks = self._chunk(doc)
                 fingerprint = self.store.manifest.kv_fingerprint
-                planned.append(_PlannedDoc(doc, chunks, [chunk_id(fingerprint, c.token_ids) for c in chunks]))
+                ids = [chunk_id(fingerprint, c.token_ids, self._namespace) for c in chunks]
+                planned.append(_PlannedDoc(doc, chunks, ids))
         return planned, unchanged
 
     def _missing(self, planned: list[_PlannedDoc]) -> dict[str, Chunk]:
@@ -118,7 +121,8 @@ class Ingestor:
         vectors = self.embedder.embed([chunks[c].text for c in ids])
         with self.store.env.begin(write=True) as txn:
             for cid, kv, vector in zip(ids, kvs, vectors):
-                record = self.store.docs.get_chunk(txn, cid) or ChunkRecord(cid, chunks[cid].text, list(chunks[cid].token_ids))
+                record = self.store.docs.get_chunk(txn, cid) or ChunkRecord(
+                    cid, chunks[cid].text, list(chunks[cid].token_ids), namespace=self._namespace)
                 self.store.kv.put(txn, cid, kv)
                 self.store.docs.put_chunk(txn, record)
                 self.store.docs.put_embedding(txn, cid, vector)
@@ -136,7 +140,7 @@ class Ingestor:
         touched: set[str] = set()
         with self.store.env.begin(write=True) as txn:
             for item in planned:
-                old = self.store.docs.get_doc(txn, item.doc.id)
+                old = self.store.docs.get_doc(txn, item.doc.id, self._namespace)
                 if old is not None:
                     self._unlink(txn, old.doc_id, old.chunk_ids, touched)
                 for cid, chunk in zip(item.ids, item.chunks):
@@ -149,24 +153,24 @@ class Ingestor:
                 self.store.docs.put_doc(txn, DocRecord(item.doc.id, item.doc.content_hash(), item.ids,
                                                        item.doc.metadata, item.doc.source, tokens,
                                                        expires_at=time.time() + ttl_s if ttl_s else None,
-                                                       expire=item.doc.expire))
+                                                       expire=item.doc.expire, namespace=self._namespace))
             live, dead = self._split_live(txn, touched)
             vectors = [self.store.docs.get_embedding(txn, cid) for cid in live]
             self.store.bump_generation(txn)
             generation = self.store.generation(txn)
         self.store.update_index(live, vectors, dead, generation)
 
-    def delete(self, doc_ids: list[str]) -> None:
-        """Remove documents, and every chunk (KV, embedding, text) no other document shares."""
+    def delete(self, doc_ids: list[str], namespace: str = DEFAULT_NAMESPACE) -> None:
+        """Remove documents of `namespace`, and every chunk (KV, embedding, text) no other document shares."""
         doc_ids = list(dict.fromkeys(doc_ids))
         touched: set[str] = set()
         with self.store.env.begin(write=True) as txn:
-            unknown = [d for d in doc_ids if self.store.docs.get_doc(txn, d) is None]
+            unknown = [label(namespace, d) for d in doc_ids if self.store.docs.get_doc(txn, d, namespace) is None]
             if unknown:
                 raise KeyError(f"unknown document ids: {', '.join(map(str, unknown))} (nothing was deleted)")
             for doc_id in doc_ids:
-                self._unlink(txn, doc_id, self.store.docs.get_doc(txn, doc_id).chunk_ids, touched)
-                self.store.docs.delete_doc(txn, doc_id)
+                self._unlink(txn, doc_id, self.store.docs.get_doc(txn, doc_id, namespace).chunk_ids, touched)
+                self.store.docs.delete_doc(txn, doc_id, namespace)
             _, dead = self._split_live(txn, touched)
             self.store.bump_generation(txn)
             generation = self.store.generation(txn)
@@ -176,11 +180,12 @@ class Ingestor:
         """Chunks still referenced, and the unreferenced ones, which are deleted here."""
         live, dead = [], []
         for cid in sorted(touched):
-            if self.store.docs.get_chunk(txn, cid).refs:
+            record = self.store.docs.get_chunk(txn, cid)
+            if record.refs:
                 live.append(cid)
             else:
                 dead.append(cid)
-                self.store.docs.delete_chunk(txn, cid)
+                self.store.docs.delete_chunk(txn, record)
                 self.store.kv.delete(txn, cid)
                 self.store.budget.forget(txn, cid)
         return live, dead
@@ -191,17 +196,19 @@ class Ingestor:
         """Apply ended TTLs: delete documents that asked for it, drop the others' KV; their ids."""
         now = time.time() if now is None else now
         with self.store.env.begin() as txn:
-            gone = [d.doc_id for d in self.store.expired_documents(txn, now) if d.expire == "document"]
-        if gone:
-            self.delete(gone)
-        return gone + self.store.drop_expired_kv(now)
+            gone = [d for d in self.store.expired_documents(txn, now) if d.expire == "document"]
+        for namespace in {d.namespace for d in gone}:
+            self.delete([d.doc_id for d in gone if d.namespace == namespace], namespace)
+        return [d.doc_id for d in gone] + self.store.drop_expired_kv(now)
 
-    def ingest(self, docs: list[Document], progress: bool = True, ttl_s: float | None = None) -> IngestReport:
-        """`ttl_s`: the TTL of documents that do not set their own (None: no expiry). A full store or
-        disk raises StoreFullError; documents committed before stay whole, the rest are absent."""
+    def ingest(self, docs: list[Document], progress: bool = True, ttl_s: float | None = None,
+               namespace: str = DEFAULT_NAMESPACE) -> IngestReport:
+        """`ttl_s`: the TTL of documents that do not set their own (None: no expiry). `namespace`: the
+        tenant the documents belong to, invisible to every other. A full store or disk raises
+        StoreFullError; documents committed before stay whole, the rest are absent."""
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
-        self._ttl_s = ttl_s
+        self._ttl_s, self._namespace = ttl_s, validate_namespace(namespace)
         try:
             return self._ingest(docs, progress)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:

@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field
 class RagBlendRetriever(BaseRetriever):
     ragblend: Any = Field(description="a ragblend.RagBlend instance")
     k: int = Field(default=4, ge=1)
+    namespace: str = Field(default="", description="the tenant namespace to retrieve from")
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -28,7 +29,7 @@ class RagBlendRetriever(BaseRetriever):
         return [
             Document(page_content=hit.text, metadata={**hit.metadata, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id,
                                                       "score": hit.score, "position": hit.position})
-            for hit in self.ragblend.search(query, top_k=self.k)
+            for hit in self.ragblend.search(query, top_k=self.k, namespace=self.namespace)
         ]
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun) -> list[Document]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from index.namespaces import label
 from ragblend.session_store import SessionStore
 from ragblend.store import Store
 
@@ -49,7 +50,7 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         report.bytes_freed += sum(size for _, _, size in foreign)
         if not dry_run:
             for chunk_id in report.orphan_chunks:
-                store.docs.delete_chunk(txn, chunk_id)
+                store.docs.delete_chunk(txn, chunks[chunk_id])
             for chunk_id in dead_kv:
                 store.kv.delete(txn, chunk_id)
                 store.budget.forget(txn, chunk_id)
@@ -65,7 +66,7 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         store.drop_expired_kv(now)
     expired = [r for r in sessions.records() if r.expired(now)]
     report.bytes_freed += sum(sessions.info(r).bytes for r in expired)
-    report.expired_sessions = [r.id for r in expired]
+    report.expired_sessions = [label(r.namespace, r.name) for r in expired]
     if not dry_run:
         for record in expired:
             sessions.delete(record.id)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import lmdb
 
+from index.namespaces import DEFAULT_NAMESPACE, label, unscoped
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
 from kvchunks.tiers import RamTier
@@ -38,7 +39,7 @@ class Turn:
 
 @dataclass
 class SessionRecord:
-    id: str
+    id: str  # the record key: the session id, scoped by its namespace (index.namespaces)
     fingerprint: str
     system: str | None
     ttl_s: float
@@ -46,6 +47,15 @@ class SessionRecord:
     last_used: float
     turns: list[Turn] = field(default_factory=list)
     next_segment: int = 0
+
+    @property
+    def namespace(self) -> str:
+        return unscoped(self.id)[0]
+
+    @property
+    def name(self) -> str:
+        """The id its caller knows it by."""
+        return unscoped(self.id)[1]
 
     @property
     def history_tokens(self) -> int:
@@ -72,6 +82,7 @@ class SessionInfo:
     bytes: int  # KV bytes of its turns (the shared prefix is not counted)
     last_used: float
     tier: str  # "ram" when every turn is in the RAM tier, else "disk"
+    namespace: str = DEFAULT_NAMESPACE
 
 
 class SessionStore:
@@ -95,10 +106,10 @@ class SessionStore:
         with self.env.begin() as txn:
             record = self.read(txn, session_id)
         if record is None:
-            raise SessionNotFoundError(f"no session {session_id!r} (ended, expired or never created); "
+            raise SessionNotFoundError(f"no session {label(*unscoped(session_id))!r} (ended, expired or never created); "
                                        "pass create=True to start one with this id")
         if record.fingerprint != self.fingerprint:
-            raise StoreMismatchError(f"session {session_id!r} was saved for another model or prompt "
+            raise StoreMismatchError(f"session {label(*unscoped(session_id))!r} was saved for another model or prompt "
                                      f"(fingerprint {record.fingerprint[:12]}, this store {self.fingerprint[:12]})")
         return record
 
@@ -142,4 +153,5 @@ class SessionStore:
             metas = [self.kv.meta(txn, key) for key in keys]
         stored = sum(m.payload_bytes for m in metas if m is not None)
         tier = "ram" if all(key in self.ram for key in keys) else "disk"
-        return SessionInfo(record.id, len(record.turns), record.history_tokens, stored, record.last_used, tier)
+        return SessionInfo(record.name, len(record.turns), record.history_tokens, stored, record.last_used, tier,
+                           record.namespace)

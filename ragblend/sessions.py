@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import unrotate
@@ -69,34 +70,38 @@ class SessionManager:
 
     # ---- sessions as a whole ------------------------------------------------------------------
 
-    def open(self, session_id: str | None, system: str | None, ttl_s: float, create: bool) -> SessionRecord:
+    def open(self, session_id: str | None, system: str | None, ttl_s: float, create: bool,
+             namespace: str = DEFAULT_NAMESPACE) -> SessionRecord:
+        """A session's record (`session_id` is the caller's id; records are keyed by namespace too)."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.sweep()
+        key = scoped(namespace, session_id if session_id is not None else uuid.uuid4().hex)
         if session_id is not None and not create:
-            record = self.store.get(session_id)
+            record = self.store.get(key)
             if system is not None and system != record.system:
                 raise ValueError(f"session {session_id!r} was started with another system prompt")
             return record
         if session_id is not None and create:
             with self.store.env.begin() as txn:
-                existing = self.store.read(txn, session_id)
+                existing = self.store.read(txn, key)
             if existing is not None:
-                return self.store.get(session_id)
+                return self.store.get(key)
         now = time.time()
-        record = SessionRecord(session_id or uuid.uuid4().hex, self.store.fingerprint, system, ttl_s, now, now)
+        record = SessionRecord(key, self.store.fingerprint, system, ttl_s, now, now)
         with self.store.env.begin(write=True) as txn:
             self.store.write(txn, record)
         return record
 
-    def end(self, session_id: str) -> bool:
-        with self._session_lock(session_id):
-            self.wait(session_id)
-            return self.store.delete(session_id)
+    def end(self, session_id: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        key = scoped(namespace, session_id)
+        with self._session_lock(key):
+            self.wait(key)
+            return self.store.delete(key)
 
-    def list(self) -> list[SessionInfo]:
+    def list(self, namespace: str = DEFAULT_NAMESPACE) -> list[SessionInfo]:
         self.sweep()
-        return [self.store.info(r) for r in self.store.records()]
+        return [self.store.info(r) for r in self.store.records() if r.namespace == namespace]
 
     def sweep(self) -> list[str]:
         """Expire sessions idle past their TTL (never one in the middle of a turn)."""
@@ -316,7 +321,7 @@ class _TurnSave:
             kv = segment_kv(self.manager.requests, cache, start, start + len(turn.token_ids))
             self.manager._store_segment(self.session_id, turn, kv)
         except Exception as exc:  # noqa: BLE001 - the turn stays unsaved and is recomputed when next needed
-            warnings.warn(f"ragblend: saving a turn of session {self.session_id} failed ({exc}); "
+            warnings.warn(f"ragblend: saving a turn of session {label(*unscoped(self.session_id))} failed ({exc}); "
                           "it will be recomputed on the next turn", stacklevel=1)
         answer.timings["save_s"] = time.perf_counter() - began
 

@@ -14,6 +14,7 @@ import lmdb
 import numpy as np
 
 from index.docstore import DocRecord, DocStore, vector_id
+from index.namespaces import DEFAULT_NAMESPACE, label
 from index.vector_index import VectorIndex
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
@@ -136,6 +137,7 @@ class Store:
             self._open_kv(self.manifest)
         self._index: VectorIndex | None = None
         self._index_generation = -1
+        self._filters: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # per index generation
 
     def _open_kv(self, manifest: Manifest) -> None:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
@@ -198,6 +200,7 @@ class Store:
         saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
         if saved == generation and self._index_path.is_file():
             self._index, self._index_generation = VectorIndex.load(self._index_path), generation
+            self._filters.clear()
         else:
             self.rebuild_index()
 
@@ -211,6 +214,7 @@ class Store:
         if live:
             self._index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
         self._index_generation = generation
+        self._filters.clear()
         self.save_index(generation)
 
     def rebuild_index(self) -> VectorIndex:
@@ -223,8 +227,27 @@ class Store:
         if chunk_ids:
             index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
         self._index, self._index_generation = index, generation
+        self._filters.clear()
         self.save_index(generation)
         return index
+
+    def search(self, vector: np.ndarray, k: int, namespace: str = DEFAULT_NAMESPACE) -> list[tuple[int, float]]:
+        """Top-`k` (vector id, score) among `namespace`'s chunks only: the filter runs inside FAISS, so
+        other namespaces never take a place in the top k."""
+        index = self.index  # first: a reload after another commit clears the filters
+        only, excluded = self._namespace_filter(namespace)
+        return index.search(vector, k, only=only, excluded=excluded)
+
+    def _namespace_filter(self, namespace: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(ids to search among, ids to skip): a named namespace lists its own; the default one skips
+        every namespaced chunk (so stores from before namespaces need no migration)."""
+        if namespace not in self._filters:
+            with self.env.begin() as txn:
+                if namespace == DEFAULT_NAMESPACE:
+                    self._filters[namespace] = (None, self.docs.namespace_vectors(txn, None))
+                else:
+                    self._filters[namespace] = (self.docs.namespace_vectors(txn, namespace), None)
+        return self._filters[namespace]
 
     def save_index(self, generation: int) -> None:
         if self.readonly:
@@ -310,12 +333,12 @@ class Store:
                 self.docs.put_doc(txn, doc)
         return [d.doc_id for d in expired]
 
-    def set_pinned(self, doc_ids: list[str], pinned: bool) -> None:
+    def set_pinned(self, doc_ids: list[str], pinned: bool, namespace: str = DEFAULT_NAMESPACE) -> None:
         with self.env.begin(write=True) as txn:
             for doc_id in doc_ids:
-                record = self.docs.get_doc(txn, doc_id)
+                record = self.docs.get_doc(txn, doc_id, namespace)
                 if record is None:
-                    raise KeyError(f"unknown document id {doc_id!r}")
+                    raise KeyError(f"unknown document id {label(namespace, doc_id)!r}")
                 record.pinned = pinned
                 self.docs.put_doc(txn, record)
             self.enforce_budget(txn=txn)
@@ -324,13 +347,15 @@ class Store:
         """Consistency problems: documents pointing at missing chunks, chunks without KV or embedding."""
         problems = []
         with self.env.begin(buffers=True) as txn:
-            for doc_id in self.docs.doc_ids(txn):
-                for chunk_id in self.docs.get_doc(txn, doc_id).chunk_ids:
+            for doc in self.docs.doc_records(txn):
+                name = label(doc.namespace, doc.doc_id)
+                for chunk_id in doc.chunk_ids:
                     chunk = self.docs.get_chunk(txn, chunk_id)
-                    if chunk is None or not any(ref[0] == doc_id for ref in chunk.refs):
-                        problems.append(f"document {doc_id}: chunk {chunk_id} missing or not linked back")
+                    if chunk is None or chunk.namespace != doc.namespace or \
+                            not any(ref[0] == doc.doc_id for ref in chunk.refs):
+                        problems.append(f"document {name}: chunk {chunk_id} missing or not linked back")
                     if self.docs.get_embedding(txn, chunk_id) is None:
-                        problems.append(f"document {doc_id}: chunk {chunk_id} has no embedding")
+                        problems.append(f"document {name}: chunk {chunk_id} has no embedding")
                     if self.kv.contains(txn, chunk_id):  # no KV at all is an eviction, not damage
                         problems.extend(self.kv.verify(txn, chunk_id))
         return problems

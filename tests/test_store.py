@@ -213,7 +213,7 @@ def test_a_store_reopened_by_a_new_process_serves_every_chunk_under_the_same_ids
         from ragblend.documents import Document
         rb = RagBlend({str(store_dir)!r}, model={tiny_dir!r})
         with rb.store.env.begin() as txn:
-            ids = {{d: rb.store.docs.get_doc(txn, d).chunk_ids for d in rb.store.docs.doc_ids(txn)}}
+            ids = {{d.doc_id: d.chunk_ids for d in rb.store.docs.doc_records(txn)}}
         digests = {{}}
         for cid in [c for cs in ids.values() for c in cs]:
             kv = rb.store.kv.load(cid)
