@@ -104,3 +104,28 @@ def batches_by_length(token_lists: Sequence[Sequence[int]], max_batch_tokens: in
         else:
             groups.append([index])
     return groups
+
+
+class SpanComputer:
+    """The KV of token spans as they sit right behind one prompt prefix, whose own KV is computed once:
+    what ingest, missing-KV repair, conversations and reindex-kv all compute."""
+
+    def __init__(self, decoder: torch.nn.Module, head_dim: int, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
+        self.decoder, self.head_dim, self.prefix_ids = decoder, head_dim, list(prefix_ids)
+        self.max_batch_tokens = max_batch_tokens
+        self._prefix_kv: ChunkKV | None = None
+
+    @property
+    def prefix_kv(self) -> ChunkKV:
+        if self._prefix_kv is None:
+            self._prefix_kv = self.compute([self.prefix_ids], behind_prefix=False)[0]
+        return self._prefix_kv
+
+    def compute(self, token_lists: Sequence[Sequence[int]], behind_prefix: bool = True) -> list[ChunkKV]:
+        """One ChunkKV per span (batched by length); `behind_prefix=False` computes spans from position 0."""
+        prefix = self.prefix_kv if behind_prefix else None
+        results: list[ChunkKV | None] = [None] * len(token_lists)
+        for group in batches_by_length(token_lists, self.max_batch_tokens):
+            for index, kv in zip(group, compute_kv(self.decoder, [token_lists[i] for i in group], prefix, self.head_dim)):
+                results[index] = kv
+        return results

@@ -205,7 +205,7 @@ class RagBlend:
         start = time.perf_counter()
         chunks = self._contexts(question, contexts, top_k, namespace)
         retrieved = time.perf_counter()
-        history = History(self.template.prefix_ids, [(0, self.ingestor.prefix_kv)])
+        history = History(self.template.prefix_ids, [(0, self.ingestor.spans.prefix_kv)])
         prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
                                          load_depth, reserve_tokens)
         prepared.timings["retrieve_s"] = retrieved - start

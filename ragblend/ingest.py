@@ -16,7 +16,7 @@ from index.docstore import ChunkRecord, DocRecord
 from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.chunking import Chunk, chunk_id, split_document
-from kvchunks.precompute import ChunkKV, batches_by_length, compute_kv
+from kvchunks.precompute import SpanComputer
 from ragblend.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
@@ -60,26 +60,9 @@ class Ingestor:
                  chunk_tokens: int, max_batch_tokens: int = 4096):
         self.store, self.model, self.template, self.embedder = store, model, template, embedder
         self.chunk_tokens = chunk_tokens
-        self.max_batch_tokens = max_batch_tokens
-        self._prefix_kv: ChunkKV | None = None
+        self.spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids, max_batch_tokens)
         self._ttl_s: float | None = None  # default TTL of the ingest under way
         self._namespace = DEFAULT_NAMESPACE  # and the namespace it writes to
-
-    @property
-    def prefix_kv(self) -> ChunkKV:
-        """The shared prefix's KV, computed once per model and reused by every chunk and query."""
-        if self._prefix_kv is None:
-            self._prefix_kv = self.compute([list(self.template.prefix_ids)], behind_prefix=False)[0]
-        return self._prefix_kv
-
-    def compute(self, token_lists: list[list[int]], behind_prefix: bool = True) -> list[ChunkKV]:
-        prefix = self.prefix_kv if behind_prefix else None
-        results: list[ChunkKV | None] = [None] * len(token_lists)
-        for group in batches_by_length(token_lists, self.max_batch_tokens):
-            kvs = compute_kv(self.model.decoder, [token_lists[i] for i in group], prefix, self.model.head_dim)
-            for index, kv in zip(group, kvs):
-                results[index] = kv
-        return results
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -117,7 +100,7 @@ class Ingestor:
 
     def _store_chunks(self, chunks: dict[str, Chunk]) -> None:
         ids = list(chunks)
-        kvs = self.compute([list(chunks[c].token_ids) for c in ids])
+        kvs = self.spans.compute([list(chunks[c].token_ids) for c in ids])
         vectors = self.embedder.embed([chunks[c].text for c in ids])
         with self.store.env.begin(write=True) as txn:
             for cid, kv, vector in zip(ids, kvs, vectors):

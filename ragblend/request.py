@@ -109,7 +109,7 @@ class RequestPath:
             if budget.pending >= FLUSH_USES:
                 self.store.enforce_budget()
             return 0
-        kvs = self.ingestor.compute([list(c.token_ids) for c in missing.values()])
+        kvs = self.ingestor.spans.compute([list(c.token_ids) for c in missing.values()])
         with self.store.env.begin(write=True) as txn:
             for chunk_id, kv in zip(missing, kvs):
                 self.store.kv.put(txn, chunk_id, kv)
