@@ -1,4 +1,4 @@
-"""`ragblend` command line: ingest, stats, query, eval, sessions."""
+"""`ragblend` command line: ingest, stats, query, eval, sessions, gc, reindex-kv."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,13 @@ def _gc(args: argparse.Namespace) -> None:
     from ragblend.maintenance import collect_garbage
 
     print(collect_garbage(_existing_store(args.store), dry_run=args.dry_run).summary())
+
+
+def _reindex_kv(args: argparse.Namespace) -> None:
+    from ragblend.reindex import reindex_kv
+
+    _existing_store(args.store).close()
+    print(reindex_kv(args.store, model=args.model).summary())
 
 
 def _ratio(text: str) -> float | str:
@@ -249,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--store", required=True)
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     gc.set_defaults(run=_gc)
+
+    reindex = commands.add_parser("reindex-kv", help="recompute chunk KV for another model or prompt",
+                                  description="Recompute every chunk's KV for MODEL (text, embeddings and chunk "
+                                              "ids stay); the old KV keeps serving until the new set is complete, "
+                                              "then the store switches in one transaction. Resumable.")
+    reindex.add_argument("--store", required=True)
+    reindex.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
+    reindex.set_defaults(run=_reindex_kv)
     return parser
 
 

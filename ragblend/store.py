@@ -143,10 +143,30 @@ class Store:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
         self.budget = KVBudget(self.env, self.kv, self.meta_db)
 
-    def _read_manifest(self) -> Manifest | None:
-        with self.env.begin() as txn:
-            raw = txn.get(b"manifest", db=self.meta_db)
-        return None if raw is None else Manifest(**json.loads(raw))
+    def _read_manifest(self, txn: lmdb.Transaction | None = None) -> Manifest | None:
+        if txn is None:
+            with self.env.begin() as own:
+                return self._read_manifest(own)
+        raw = txn.get(b"manifest", db=self.meta_db)
+        return None if raw is None else Manifest(**json.loads(bytes(raw)))
+
+    def _check_not_reindexed(self, txn: lmdb.Transaction) -> None:
+        """Refuse to go on with a manifest that `ragblend reindex-kv` has replaced since this Store opened."""
+        current = self._read_manifest(txn)
+        if self.manifest is not None and current is not None and current.kv_fingerprint != self.manifest.kv_fingerprint:
+            raise StoreMismatchError(f"store {self.path} was re-indexed for model {current.model!r} while open; "
+                                     "reopen it with that model")
+
+    def switch_manifest(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
+        """Point the store at another KV fingerprint inside `txn` (reindex-kv); once `txn` commits, every
+        other Store on this folder refuses further writes and searches (StoreMismatchError)."""
+        txn.put(b"manifest", json.dumps(asdict(manifest)).encode(), db=self.meta_db)
+        txn.put(b"generation", str(self.generation(txn) + 1).encode(), db=self.meta_db)
+
+    def adopt_manifest(self, manifest: Manifest) -> None:
+        """This Store's side of a committed `switch_manifest`."""
+        self.manifest = manifest
+        self._open_kv(manifest)
 
     def bind(self, wanted: Manifest) -> None:
         """Fix the manifest of a new store, or check that an existing one matches what is asked for."""
@@ -159,14 +179,16 @@ class Store:
         have = self.manifest
         if have.format_version != FORMAT_VERSION:
             raise StoreMismatchError(f"store {self.path} has format {have.format_version}; this ragblend reads {FORMAT_VERSION}")
-        for field_name, label in (("kv_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
+        for field_name, what in (("kv_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
                                   ("chunk_tokens", "chunk size"), ("index_kind", "index kind"),
                                   ("kv_dtype", "KV dtype")):
             if getattr(have, field_name) != getattr(wanted, field_name):
                 shown = {"kv_fingerprint": "model", "embedder_fingerprint": "embedder"}.get(field_name, field_name)
+                move = " or move it with `ragblend reindex-kv`" if field_name == "kv_fingerprint" else ""
                 raise StoreMismatchError(
-                    f"store {self.path} was built with {label} {getattr(have, shown)!r} "
-                    f"but {getattr(wanted, shown)!r} was asked for; open it with the same {label} or use another store folder"
+                    f"store {self.path} was built with {what} {getattr(have, shown)!r} "
+                    f"but {getattr(wanted, shown)!r} was asked for; open it with the same {what}{move}, "
+                    "or use another store folder"
                 )
 
     # ---- the derived vector index -------------------------------------------------------------
@@ -184,7 +206,9 @@ class Store:
         return 0 if raw is None else int(raw)
 
     def bump_generation(self, txn: lmdb.Transaction) -> None:
-        """Called inside every transaction that changes which chunks are searchable."""
+        """Called inside every transaction that changes which chunks are searchable; aborts it if the
+        store was re-indexed for another model meanwhile (what this Store would write is stale)."""
+        self._check_not_reindexed(txn)
         txn.put(b"generation", str(self.generation(txn) + 1).encode(), db=self.meta_db)
 
     @property
@@ -192,6 +216,8 @@ class Store:
         """The index as of the last commit, reloaded when another process (or Store) has committed since."""
         with self.env.begin() as txn:
             generation = self.generation(txn)
+            if generation != self._index_generation:
+                self._check_not_reindexed(txn)
         if self._index is None or generation != self._index_generation:
             self._load_or_rebuild_index(generation)
         return self._index
