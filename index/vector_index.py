@@ -11,6 +11,7 @@ import numpy as np
 KINDS = ("flat", "hnsw")
 HNSW_M = 32  # graph degree: FAISS's usual choice for ~100k-1M vectors
 HNSW_EF_SEARCH = 64  # FAISS defaults to 16, which loses recall on small k
+HNSW_EF_SEARCH_MAX = 1024  # a filtered search widens its beam by 1 / share allowed, up to this
 
 
 def _new_index(dim: int, kind: str) -> faiss.IndexIDMap2:
@@ -95,14 +96,17 @@ class VectorIndex:
     def _filter(self, only: np.ndarray | None, excluded: np.ndarray | None) -> faiss.SearchParameters | None:
         if only is not None:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(only, dtype=np.int64))
+            allowed = len(only)
         elif excluded is not None and len(excluded):
             inner = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
             selector = faiss.IDSelectorNot(inner)
             selector.referenced = inner  # the C++ object keeps a raw pointer: keep the Python one alive
+            allowed = len(self) - len(excluded)
         else:
             return None
-        if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=HNSW_EF_SEARCH)
+        if self.kind == "hnsw":  # the beam must meet about ef allowed nodes, not ef nodes
+            widened = HNSW_EF_SEARCH * len(self) // max(allowed, 1)
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(max(widened, HNSW_EF_SEARCH), HNSW_EF_SEARCH_MAX))
         return faiss.SearchParameters(sel=selector)
 
     def save(self, path: Path) -> None:
