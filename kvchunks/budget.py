@@ -9,12 +9,14 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
 import lmdb
 
 from kvchunks.kvstore import KVStore
 
 COUNTERS = ("kv_hits", "kv_misses", "evictions")
+LOW_WATER = 0.9  # an eviction frees down to this share of the budget, so the next misses need none
 
 
 class PinnedOverBudgetError(ValueError):
@@ -94,20 +96,17 @@ class KVBudget:
     # ---- eviction -------------------------------------------------------------------------------
 
     def _sizes(self, txn: lmdb.Transaction) -> dict[str, int]:
-        sizes = {}
-        for chunk_id in self.kv.chunk_ids(txn):
-            meta = self.kv.meta(txn, chunk_id)
-            sizes[chunk_id] = meta.payload_bytes
-        return sizes
+        return {chunk_id: self.kv.meta(txn, chunk_id).payload_bytes for chunk_id in self.kv.chunk_ids(txn)}
 
-    def enforce(self, txn: lmdb.Transaction, pinned: set[str], protect: set[str] = frozenset()) -> list[str]:
-        """Flush uses, then drop the KV of least recently used chunks (never pinned or `protect`ed ones)
-        until the store is within budget; the evicted chunk ids."""
+    def enforce(self, txn: lmdb.Transaction, pinned_chunks: Callable[[], set[str]],
+                protect: set[str] = frozenset()) -> list[str]:
+        """Flush uses; over budget, drop the KV of least recently used chunks (never pinned or `protect`ed
+        ones) down to LOW_WATER of it; the evicted chunk ids. Within budget this reads one counter."""
         self.flush(txn)
         limit = self.max_bytes(txn)
-        if limit is None:
+        if limit is None or self.kv.payload_bytes(txn) <= limit:
             return []
-        sizes = self._sizes(txn)
+        sizes, pinned = self._sizes(txn), pinned_chunks()
         total = sum(sizes.values())
         pinned_bytes = sum(b for c, b in sizes.items() if c in pinned)
         if pinned_bytes > limit:
@@ -116,7 +115,7 @@ class KVBudget:
         candidates = sorted((self.last_used(txn, c), c) for c in sizes if c not in pinned and c not in protect)
         evicted = []
         for _, chunk_id in candidates:
-            if total <= limit:
+            if total <= limit * LOW_WATER:
                 break
             self.kv.delete(txn, chunk_id)
             self.forget(txn, chunk_id)

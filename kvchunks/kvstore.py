@@ -71,6 +71,10 @@ class KVStore:
         self.codec = codec_for(dtype)
         self.kv_db = env.open_db(family.encode())
         self.meta_db = env.open_db(f"{family}meta".encode())
+        try:  # payload bytes per fingerprint, kept on every write
+            self.totals_db = env.open_db(f"{family}bytes".encode())
+        except lmdb.Error:  # a read-only open of a store written before the totals
+            self.totals_db = None
 
     def _meta_key(self, chunk_id: str) -> bytes:
         return f"{self.fingerprint}/{chunk_id}".encode()
@@ -98,8 +102,29 @@ class KVStore:
         layers, kv_heads, tokens, head_dim = keys.shape
         meta = KVMeta(tokens=tokens, layers=layers, kv_heads=kv_heads, head_dim=head_dim, crc32=checksums,
                       dtype=self.codec.name)
+        replaced = self.meta(txn, chunk_id)
+        self._count(txn, self.fingerprint, total - (replaced.payload_bytes if replaced else 0))
         txn.put(self._meta_key(chunk_id), json.dumps(asdict(meta)).encode(), db=self.meta_db)
         return total
+
+    def payload_bytes(self, txn: lmdb.Transaction) -> int:
+        """Payload bytes of this fingerprint's records: a running total, not a scan."""
+        raw = None if self.totals_db is None else txn.get(self.fingerprint.encode(), db=self.totals_db)
+        return self._scan_bytes(txn, self.fingerprint) if raw is None else int(raw)
+
+    def _scan_bytes(self, txn: lmdb.Transaction, fingerprint: str) -> int:
+        """The total by reading every record's metadata: once per store, before its first counted write."""
+        prefix = f"{fingerprint}/".encode()
+        with txn.cursor(db=self.meta_db) as cursor:
+            if not cursor.set_range(prefix):
+                return 0
+            return sum(KVMeta(**json.loads(bytes(raw))).payload_bytes for key, raw in cursor
+                       if bytes(key).startswith(prefix))
+
+    def _count(self, txn: lmdb.Transaction, fingerprint: str, delta: int) -> None:
+        raw = txn.get(fingerprint.encode(), db=self.totals_db)
+        total = (self._scan_bytes(txn, fingerprint) if raw is None else int(raw)) + delta
+        txn.put(fingerprint.encode(), str(total).encode(), db=self.totals_db)
 
     def delete(self, txn: lmdb.Transaction, chunk_id: str) -> None:
         self._delete_record(txn, self._meta_key(chunk_id))
@@ -150,8 +175,10 @@ class KVStore:
         raw = txn.get(meta_key, db=self.meta_db)
         if raw is None:
             return
-        for layer in range(KVMeta(**json.loads(bytes(raw))).layers):
+        meta = KVMeta(**json.loads(bytes(raw)))
+        for layer in range(meta.layers):
             txn.delete(_layer_of(meta_key, layer), db=self.kv_db)
+        self._count(txn, bytes(meta_key).decode().split("/", 1)[0], -meta.payload_bytes)
         txn.delete(meta_key, db=self.meta_db)
 
     def verify(self, txn: lmdb.Transaction, chunk_id: str) -> list[str]:

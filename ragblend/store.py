@@ -330,12 +330,11 @@ class Store:
 
     def enforce_budget(self, protect: set[str] = frozenset(), txn: lmdb.Transaction | None = None) -> list[str]:
         """Evict least recently used KV until the store is within its budget (see kvchunks.budget), in
-        `txn` or a transaction of its own; pins are only read when there is a budget to keep."""
+        `txn` or a transaction of its own; pins are only read when something must be evicted."""
         if txn is None:
             with self.env.begin(write=True) as own:
                 return self.enforce_budget(protect, own)
-        pinned = self.pinned_chunks(txn) if self.budget.max_bytes(txn) is not None else set()
-        return self.budget.enforce(txn, pinned, protect)
+        return self.budget.enforce(txn, lambda: self.pinned_chunks(txn), protect)
 
     def set_kv_max_bytes(self, max_bytes: int | None) -> None:
         """Persist the KV budget (None: unbounded) and apply it now; refused if pins alone exceed it."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvchunks.budget import PinnedOverBudgetError
+from kvchunks.budget import LOW_WATER, PinnedOverBudgetError
 from kvchunks.kvstore import KVStore
 from ragblend import RagBlend
 from ragblend.cli import main
@@ -37,10 +37,15 @@ def per_doc_bytes(rb: RagBlend) -> int:
     return rb.stats().kv_bytes // rb.stats().documents
 
 
+def room_for(rb: RagBlend, documents: int) -> int:
+    """A budget that holds exactly `documents` documents' KV once an eviction has freed down to LOW_WATER."""
+    return int(documents * per_doc_bytes(rb) / LOW_WATER) + 1
+
+
 def test_budget_evicts_kv_but_every_document_stays_searchable_and_answerable(make_rb):
     rb = make_rb()
     rb.add_documents(DOCS)
-    budget = 3 * per_doc_bytes(rb)
+    budget = room_for(rb, 3)
     rb.store.set_kv_max_bytes(budget)
     stats = rb.stats()
     assert stats.kv_bytes <= budget and stats.evictions >= 3 and stats.evicted_chunks >= 3
@@ -56,7 +61,7 @@ def test_budget_evicts_kv_but_every_document_stays_searchable_and_answerable(mak
 def test_an_evicted_chunk_is_recomputed_once_then_hit(make_rb):
     rb = make_rb()
     rb.add_documents(DOCS)
-    rb.store.set_kv_max_bytes(2 * per_doc_bytes(rb))
+    rb.store.set_kv_max_bytes(room_for(rb, 2))
     question = "What is the key fact about volcanoes?"
     first = rb.query(question, top_k=1, mode="reuse", max_new_tokens=2)
     again = rb.query(question, top_k=1, mode="reuse", max_new_tokens=2)
@@ -69,7 +74,7 @@ def test_least_recently_used_kv_goes_first(make_rb):
     rb.add_documents(DOCS[:3])
     for doc in ("volcanoes", "glaciers"):  # coral reefs is now the least recently used
         rb.query(f"What is the key fact about {doc}?", top_k=1, mode="reuse", max_new_tokens=1)
-    rb.store.set_kv_max_bytes(2 * per_doc_bytes(rb))
+    rb.store.set_kv_max_bytes(room_for(rb, 2))
     with rb.store.env.begin() as txn:
         held = {rb.store.docs.get_chunk(txn, c).doc_id for c in rb.store.kv.chunk_ids(txn)}
     assert held == {"volcanoes", "glaciers"}
@@ -79,7 +84,7 @@ def test_pinned_documents_are_never_evicted(make_rb):
     rb = make_rb()
     rb.add_documents(DOCS)
     rb.pin(["tundra"])
-    rb.store.set_kv_max_bytes(2 * per_doc_bytes(rb))
+    rb.store.set_kv_max_bytes(room_for(rb, 2))
     for doc in DOCS[:5]:
         rb.query(f"What is the key fact about {doc['id']}?", top_k=1, mode="reuse", max_new_tokens=1)
     answer = rb.query("What is the key fact about tundra?", top_k=1, mode="reuse", max_new_tokens=1)
@@ -90,7 +95,7 @@ def test_pinned_documents_are_never_evicted(make_rb):
 def test_pinning_more_than_the_budget_is_refused_and_changes_nothing(make_rb):
     rb = make_rb()
     rb.add_documents(DOCS)
-    rb.store.set_kv_max_bytes(2 * per_doc_bytes(rb))
+    rb.store.set_kv_max_bytes(room_for(rb, 2))
     with pytest.raises(PinnedOverBudgetError, match="kv_max_bytes"):
         rb.pin(["volcanoes", "glaciers", "deserts"])
     assert rb.stats().pinned_bytes == 0
@@ -302,3 +307,14 @@ def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_f
     assert rb.search("Note 0", top_k=1)[0].doc_id.startswith("n")
     rb.close()
     rb.store.close()
+
+
+def test_the_running_kv_byte_total_matches_the_records(make_rb):
+    rb = make_rb()
+    rb.add_documents(DOCS)
+    rb.add_documents([{"id": "volcanoes", "text": "Volcanoes changed: a new text about lava."}])
+    rb.delete_documents(["glaciers"])
+    rb.store.set_kv_max_bytes(room_for(rb, 2))
+    collect_garbage(rb.store)
+    with rb.store.env.begin() as txn:
+        assert rb.store.kv.payload_bytes(txn) == rb.store.kv._scan_bytes(txn, rb.store.kv.fingerprint) == rb.stats().kv_bytes
