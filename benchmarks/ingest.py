@@ -54,7 +54,7 @@ class Result:
 
 def load_passages(path: Path, records: int):
     """One document per distinct passage of the first `records` records, in order."""
-    from ragblend.documents import Document, text_id
+    from ragblend.storage.documents import Document, text_id
     from ragblend.eval.evaluate import passage_text
 
     data = json.loads(path.read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ragblend import RagBlend  # noqa: E402
-from ragblend.documents import read_documents  # noqa: E402
+from ragblend.storage.documents import read_documents  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STORE = Path(os.environ.get("RAGBLEND_DEMO_STORE", HERE.parent / "store"))

@@ -5,10 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers loads: e
 
 from ragblend.api import RagBlend, SearchHit
 from ragblend.chat import Chat
-from ragblend.documents import Document, DocumentError
+from ragblend.storage.documents import Document, DocumentError
 from ragblend.engine.selection import BlendConfig
 from ragblend.session_store import SessionInfo, SessionNotFoundError
-from ragblend.store import StoreMismatchError
+from ragblend.storage.store import StoreMismatchError
 
 __all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "SearchHit", "SessionInfo",
            "SessionNotFoundError", "StoreMismatchError"]

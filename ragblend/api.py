@@ -14,16 +14,16 @@ from kvchunks.codecs import codec_for
 from ragblend.answer import Answer, AnswerStream
 from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
-from ragblend.documents import Document, coerce_document
+from ragblend.storage.documents import Document, coerce_document
 from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.model import LoadedModel, load_model, quiet_loading
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
-from ragblend.ingest import Ingestor, IngestReport
+from ragblend.storage.ingest import Ingestor, IngestReport
 from ragblend.request import MODES, History, PreparedPrompt, RequestPath
 from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
 from ragblend.sessions import SessionManager
-from ragblend.store import Manifest, Store
+from ragblend.storage.store import Manifest, Store
 
 DEFAULT_CHUNK_TOKENS = 256
 

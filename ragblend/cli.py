@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ragblend.documents import DocumentError
+from ragblend.storage.documents import DocumentError
 
 EVAL_CHUNK_TOKENS = 2048  # large enough that each evaluation passage stays one chunk
 
 
 def _ingest(args: argparse.Namespace) -> None:
     from ragblend.api import RagBlend
-    from ragblend.documents import read_documents
+    from ragblend.storage.documents import read_documents
 
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
@@ -28,7 +28,7 @@ def _stats(args: argparse.Namespace) -> None:
     import json
     from dataclasses import asdict
 
-    from ragblend.store import Store
+    from ragblend.storage.store import Store
 
     store = Store(args.store, readonly=True)
     stats = store.stats()
@@ -94,7 +94,7 @@ def _existing_store(path: str):
     """A store to maintain (writable), refusing a folder that holds none rather than creating one."""
     from pathlib import Path
 
-    from ragblend.store import Store
+    from ragblend.storage.store import Store
 
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"no ragblend store at {path}")
@@ -105,13 +105,13 @@ def _existing_store(path: str):
 
 
 def _gc(args: argparse.Namespace) -> None:
-    from ragblend.maintenance import collect_garbage
+    from ragblend.storage.maintenance import collect_garbage
 
     print(collect_garbage(_existing_store(args.store), dry_run=args.dry_run).summary())
 
 
 def _reindex_kv(args: argparse.Namespace) -> None:
-    from ragblend.reindex import reindex_kv
+    from ragblend.storage.reindex import reindex_kv
 
     _existing_store(args.store).close()
     print(reindex_kv(args.store, model=args.model).summary())

@@ -18,8 +18,8 @@ from ragblend.engine.layout import PromptLayout
 from ragblend.engine.loader import KVSource, LayerLoader
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.selection import BlendConfig
-from ragblend.ingest import Ingestor
-from ragblend.store import Store
+from ragblend.storage.ingest import Ingestor
+from ragblend.storage.store import Store
 
 MODES = ("blend", "reuse", "prefix", "full")
 FLUSH_USES = 256  # chunk uses noted in memory before they are written (one transaction for all of them)

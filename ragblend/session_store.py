@@ -18,7 +18,7 @@ from index.namespaces import DEFAULT_NAMESPACE, label, unscoped
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
 from kvchunks.tiers import RamTier
-from ragblend.store import Store, StoreMismatchError
+from ragblend.storage.store import Store, StoreMismatchError
 
 DEFAULT_RAM_BYTES = 512 << 20
 

@@ -11,7 +11,7 @@ from kvchunks.budget import LOW_WATER, PinnedOverBudgetError
 from kvchunks.kvstore import KVStore
 from ragblend import RagBlend
 from ragblend.cli import main
-from ragblend.maintenance import collect_garbage
+from ragblend.storage.maintenance import collect_garbage
 
 TOPICS = ["volcanoes", "glaciers", "coral reefs", "deserts", "rainforests", "tundra"]
 DOCS = [{"id": t, "text": f"This is a note about {t}. " * 6 + f"The key fact about {t} is number {i}."}
@@ -173,7 +173,7 @@ def test_a_flipped_byte_in_a_kv_record_is_caught_recomputed_and_reported(make_rb
 
 
 def test_closing_one_store_handle_leaves_the_others_working(make_rb):
-    from ragblend.store import Store
+    from ragblend.storage.store import Store
 
     rb = make_rb()
     rb.add_documents(DOCS[:1])
@@ -293,7 +293,7 @@ def test_a_process_querying_while_another_ingests_sees_only_whole_documents(tmp_
 
 def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_factory, embedder, tmp_path,
                                                                      monkeypatch):
-    from ragblend.store import StoreFullError
+    from ragblend.storage.store import StoreFullError
 
     monkeypatch.setenv("RAGBLEND_MAX_STORE_BYTES", str(4 << 20))
     rb = RagBlend(tmp_path / "small", model=tiny_model_factory("llama"), embedder=embedder)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ragblend.cli import build_parser, main
-from ragblend.documents import DocumentError, read_documents
+from ragblend.storage.documents import DocumentError, read_documents
 
 # --- reading documents ----------------------------------------------------------------------------
 

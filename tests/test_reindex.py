@@ -11,8 +11,8 @@ from conftest import make_tiny_model_dir
 from ragblend import RagBlend
 from ragblend.cli import main
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.reindex import ReindexReport, _compute, reindex_kv
-from ragblend.store import StoreMismatchError
+from ragblend.storage.reindex import ReindexReport, _compute, reindex_kv
+from ragblend.storage.store import StoreMismatchError
 
 DOCS = [{"id": "lighthouse", "text": "The lighthouse of Varn was built in 1821 by the engineer Oda Pell."},
         {"id": "bridges", "text": "Oda Pell later designed three bridges over the river Am in Kessel."},

@@ -21,8 +21,8 @@ from index.docstore import vector_id
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
 from ragblend.api import RagBlend
-from ragblend.documents import coerce_document
-from ragblend.store import Store, StoreMismatchError
+from ragblend.storage.documents import coerce_document
+from ragblend.storage.store import Store, StoreMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_TOKENS = 32
@@ -210,7 +210,7 @@ def test_a_store_reopened_by_a_new_process_serves_every_chunk_under_the_same_ids
     proc = run_python(f"""
         import json, zlib
         from ragblend.api import RagBlend
-        from ragblend.documents import Document
+        from ragblend.storage.documents import Document
         rb = RagBlend({str(store_dir)!r}, model={tiny_dir!r})
         with rb.store.env.begin() as txn:
             ids = {{d.doc_id: d.chunk_ids for d in rb.store.docs.doc_records(txn)}}

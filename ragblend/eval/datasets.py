@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragblend.documents import jsonl_items
+from ragblend.storage.documents import jsonl_items
 
 
 def load_records(path: str | Path) -> list[dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from index.namespaces import label
 from ragblend.session_store import SessionStore
-from ragblend.store import Store
+from ragblend.storage.store import Store
 
 
 @dataclass

@@ -21,9 +21,9 @@ from kvchunks.kvstore import KVStore
 from kvchunks.precompute import SpanComputer
 from ragblend.engine.model import LoadedModel, load_model
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.maintenance import collect_garbage
+from ragblend.storage.maintenance import collect_garbage
 from ragblend.session_store import SessionStore
-from ragblend.store import Store
+from ragblend.storage.store import Store
 
 COMMIT_EVERY_CHUNKS = 64
 

@@ -17,10 +17,10 @@ from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.precompute import SpanComputer
-from ragblend.documents import Document
+from ragblend.storage.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.store import MAX_STORE_BYTES_ENV, Store, StoreFullError
+from ragblend.storage.store import MAX_STORE_BYTES_ENV, Store, StoreFullError
 
 COMMIT_EVERY_CHUNKS = 64
 
