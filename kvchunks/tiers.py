@@ -1,11 +1,13 @@
 """The RAM tier: a byte-bounded, least-recently-used map of KV spans held above their disk records.
 
 Entries are only ever copies of what disk (or the caller) already holds, so evicting one writes nothing.
+Entries a queued request will need can be protected: eviction passes over them until released.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 
 from kvchunks.precompute import ChunkKV
 
@@ -22,6 +24,7 @@ class RamTier:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._protected: Counter[str] = Counter()  # key -> queued requests that need it
         self._lock = threading.Lock()
 
     def get(self, key: str) -> ChunkKV | None:
@@ -39,18 +42,28 @@ class RamTier:
             return key in self._entries
 
     def put(self, key: str, kv: ChunkKV) -> None:
-        """Keep `kv` as the most recent entry, evicting the least recent ones to stay in budget;
-        an entry larger than the whole budget is not kept."""
+        """Keep `kv` as the most recent entry, evicting the least recent unprotected ones to stay in
+        budget; an entry that does not fit beside the protected ones is not kept."""
         size = kv_bytes(kv)
         with self._lock:
             self._pop(key)
-            if size > self.max_bytes:
-                return
-            while self.bytes + size > self.max_bytes:
-                self._pop(next(iter(self._entries)))
+            victims = iter([k for k in self._entries if k not in self._protected])
+            while self.bytes + size > self.max_bytes and (victim := next(victims, None)) is not None:
+                self._pop(victim)
                 self.evictions += 1
-            self._entries[key] = kv
-            self.bytes += size
+            if self.bytes + size <= self.max_bytes:
+                self._entries[key] = kv
+                self.bytes += size
+
+    def protect(self, keys: Iterable[str]) -> None:
+        """Exempt `keys` from eviction until as many `release` calls (a queued request needs them)."""
+        with self._lock:
+            self._protected.update(keys)
+
+    def release(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            self._protected.subtract(keys)
+            self._protected = +self._protected  # drop keys no request needs any more
 
     def drop(self, key: str) -> None:
         with self._lock:

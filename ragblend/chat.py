@@ -26,13 +26,23 @@ class Chat:
         self.on_topic_switch, self.max_history_tokens = on_topic_switch, max_history_tokens
 
     @property
+    def record(self) -> SessionRecord:
+        """The session as stored now: system prompt, kept turns (questions, answers, tokens), TTL."""
+        return self._manager.store.get(self._key)
+
+    @property
     def turns(self) -> int:
-        return len(self._manager.store.get(self._key).turns)
+        return len(self.record.turns)
+
+    def seed(self, exchanges: list[tuple[str, str]]) -> None:
+        """Start a new session from earlier (question, answer) exchanges held as text (say, a client's
+        copy of a conversation); their KV is computed on the next turn."""
+        self._manager.seed(self._key, exchanges)
 
     @property
     def history_tokens(self) -> int:
         """Tokens the next turn reuses as stored KV: the prompt prefix and every kept turn."""
-        record = self._manager.store.get(self._key)
+        record = self.record
         template, _ = self._manager.prefix(record.system)
         return len(template.prefix_ids) + record.history_tokens
 

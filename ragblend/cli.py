@@ -1,4 +1,4 @@
-"""`ragblend` command line: ingest, stats, query, eval, sessions, gc, reindex-kv."""
+"""`ragblend` command line: ingest, stats, query, eval, sessions, gc, reindex-kv, serve."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +117,16 @@ def _reindex_kv(args: argparse.Namespace) -> None:
     print(reindex_kv(args.store, model=args.model).summary())
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from ragblend.serve.server import api_keys, serve
+    except ImportError as exc:
+        raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install 'ragblend[serve]'") from None
+    serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
+          keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, threads=args.worker_threads,
+          prefetch=not args.no_prefetch)
+
+
 def _ratio(text: str) -> float | str:
     """A recompute ratio: a number, or "auto" (chosen per query)."""
     return "auto" if text.strip() == "auto" else float(text)
@@ -184,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     ingest = commands.add_parser("ingest", help="chunk, embed and precompute KV for documents",
-                                 description="Ingest .txt, .md and .jsonl files (folders are searched recursively). "
+                                 description="Ingest .txt, .md, .pdf and .jsonl files (folders are searched recursively). "
                                              "Resumable: rerun the same command after an interruption.")
     ingest.add_argument("paths", nargs="+", help="files or folders")
     ingest.add_argument("--store", required=True, help="store folder (created if missing)")
@@ -264,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument("--store", required=True)
     reindex.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
     reindex.set_defaults(run=_reindex_kv)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server over a store",
+                                description="Load the model, embedder and index once and answer /v1/chat/completions, "
+                                            "/v1/completions, /v1/search, /v1/documents, /healthz, /readyz and /metrics "
+                                            "until SIGTERM or SIGINT (running requests and session saves finish first).")
+    serve.add_argument("--store", required=True)
+    serve.add_argument("--model", help="must be the store's model (default: bundled SmolLM2)")
+    serve.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: env RAGBLEND_API_KEY)")
+    serve.add_argument("--api-keys", metavar="FILE", help="JSON object of API key -> the namespace it is bound to")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; beyond, 429")
+    serve.add_argument("--worker-threads", type=int, help="torch threads for the model (default: torch's)")
+    serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -35,6 +35,7 @@ class Turn:
     question: str
     embedding: list[float] = field(default_factory=list)  # the question's, kept for topic-switch checks
     has_kv: bool = False  # False until the background save commits its segment
+    answer: str = ""  # the answer's text, so a client's copy of the conversation can be checked against it
 
 
 @dataclass

@@ -93,6 +93,40 @@ class SessionManager:
             self.store.write(txn, record)
         return record
 
+    def prefetch(self, key: str) -> list[str]:
+        """Bring a session's stored turns into the RAM tier ahead of its next turn and protect them from
+        eviction until `release`: what a scheduler does for queued requests. The keys protected."""
+        with self.store.env.begin() as txn:
+            record = self.store.read(txn, key)
+        keys = [self.store.segment_key(key, t.segment) for t in record.turns if t.has_kv] if record else []
+        self.store.ram.protect(keys)
+        for segment in keys:
+            if segment not in self.store.ram:
+                try:
+                    self.store.ram.put(segment, self.store.kv.load(segment))
+                except (KeyError, CorruptKVError):  # gone or damaged: the turn itself recomputes it
+                    continue
+        return keys
+
+    def release(self, keys: list[str]) -> None:
+        self.store.ram.release(keys)
+
+    def seed(self, key: str, exchanges: list[tuple[str, str]]) -> None:
+        """Give a session without turns the earlier (question, answer) exchanges a client holds as text;
+        their KV is computed on the session's next turn, as for a turn whose save was lost."""
+        record = self.store.get(key)
+        if record.turns:
+            raise ValueError(f"session {record.name!r} already has turns")
+        template, _ = self.prefix(record.system)
+        turns = [Turn(record.next_segment + i, [*template.suffix_ids(question), *self._encode(answer),
+                                                *template.joint_ids], [], question, answer=answer)
+                 for i, (question, answer) in enumerate(exchanges)]
+        with self.store.env.begin(write=True) as txn:
+            self.store.write(txn, replace(record, turns=turns, next_segment=record.next_segment + len(turns)))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def end(self, session_id: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
         key = scoped(namespace, session_id)
         with self._session_lock(key):
@@ -295,7 +329,7 @@ class _TurnSave:
                 txn.abort()
                 return
             turn = Turn(record.next_segment, tokens, [c.chunk_id for c in self.chunks], self.question,
-                        self._topic_embedding(answer))
+                        self._topic_embedding(answer), answer=answer.text)
             store.drop_turns(txn, self.session_id, [t for t in record.turns if t.segment not in self.kept])
             kept = [t for t in record.turns if t.segment in self.kept]
             record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".pdf")
 EXPIRE_MODES = ("kv", "document")  # what a document's TTL drops: its KV only, or the document too
 
 
@@ -73,6 +73,22 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _read_pdf(path: Path) -> str:
+    """The text layer of a PDF (pypdf, from the `serve` extra); scanned pages without one give nothing."""
+    try:
+        from pypdf import PdfReader
+        from pypdf.errors import PdfReadError
+    except ImportError:
+        raise DocumentError(f"{path}: reading PDF needs pypdf: pip install 'ragblend[serve]'") from None
+    try:
+        text = "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+    except (PdfReadError, ValueError, OSError) as exc:
+        raise DocumentError(f"{path}: not a readable PDF ({exc})") from None
+    if not text.strip():
+        raise DocumentError(f"{path}: the PDF has no text layer (scanned pages need OCR first)")
+    return text
+
+
 def jsonl_items(path: Path, text: str) -> Iterator[tuple[str, object]]:
     """("file:line", parsed object) for every non-blank line; a malformed line is a DocumentError."""
     for number, line in enumerate(text.splitlines(), start=1):
@@ -118,7 +134,8 @@ def read_documents(paths: list[str | Path]) -> list[Document]:
             docs += _read_jsonl(file)
         else:
             relative = file.relative_to(root).as_posix()
-            docs.append(Document(id=relative, text=_read_text(file), metadata={"path": relative}, source=str(file)))
+            text = _read_pdf(file) if file.suffix.lower() == ".pdf" else _read_text(file)
+            docs.append(Document(id=relative, text=text, metadata={"path": relative}, source=str(file)))
     if not docs:
         raise DocumentError(f"no {', '.join(SUPPORTED_SUFFIXES)} files found under {', '.join(map(str, paths))}")
     duplicates = sorted(doc_id for doc_id, n in Counter(d.id for d in docs).items() if n > 1)

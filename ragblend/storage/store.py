@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,6 +137,7 @@ class Store:
         if self.manifest:
             self._open_kv(self.manifest)
         self._index: VectorIndex | None = None
+        self._index_lock = threading.RLock()  # FAISS is not safe to search while another thread updates it
         self._index_generation = -1
         self._filters: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # per index generation
 
@@ -214,13 +216,14 @@ class Store:
     @property
     def index(self) -> VectorIndex:
         """The index as of the last commit, reloaded when another process (or Store) has committed since."""
-        with self.env.begin() as txn:
-            generation = self.generation(txn)
-            if generation != self._index_generation:
-                self._check_not_reindexed(txn)
-        if self._index is None or generation != self._index_generation:
-            self._load_or_rebuild_index(generation)
-        return self._index
+        with self._index_lock:
+            with self.env.begin() as txn:
+                generation = self.generation(txn)
+                if generation != self._index_generation:
+                    self._check_not_reindexed(txn)
+            if self._index is None or generation != self._index_generation:
+                self._load_or_rebuild_index(generation)
+            return self._index
 
     def _load_or_rebuild_index(self, generation: int) -> None:
         saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
@@ -232,37 +235,40 @@ class Store:
 
     def update_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
         """Apply one commit's changes to the index; a process that missed other commits rebuilds instead."""
-        if self._index is None or self._index_generation != generation - 1:
-            self.rebuild_index()
-            return
-        if dead:
-            self._index.remove(np.array([vector_id(c) for c in dead]))
-        if live:
-            self._index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
-        self._index_generation = generation
-        self._filters.clear()
-        self.save_index(generation)
+        with self._index_lock:
+            if self._index is None or self._index_generation != generation - 1:
+                self.rebuild_index()
+                return
+            if dead:
+                self._index.remove(np.array([vector_id(c) for c in dead]))
+            if live:
+                self._index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
+            self._index_generation = generation
+            self._filters.clear()
+            self.save_index(generation)
 
     def rebuild_index(self) -> VectorIndex:
         """Recreate the FAISS index from the embeddings of every referenced chunk."""
-        index = VectorIndex(self.manifest.embedding_dim, self.manifest.index_kind)
-        with self.env.begin() as txn:
-            generation = self.generation(txn)
-            chunk_ids = [c.chunk_id for c in self.docs.chunk_records(txn) if c.refs]
-            vectors = [self.docs.get_embedding(txn, cid) for cid in chunk_ids]
-        if chunk_ids:
-            index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
-        self._index, self._index_generation = index, generation
-        self._filters.clear()
-        self.save_index(generation)
-        return index
+        with self._index_lock:
+            index = VectorIndex(self.manifest.embedding_dim, self.manifest.index_kind)
+            with self.env.begin() as txn:
+                generation = self.generation(txn)
+                chunk_ids = [c.chunk_id for c in self.docs.chunk_records(txn) if c.refs]
+                vectors = [self.docs.get_embedding(txn, cid) for cid in chunk_ids]
+            if chunk_ids:
+                index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
+            self._index, self._index_generation = index, generation
+            self._filters.clear()
+            self.save_index(generation)
+            return index
 
     def search(self, vector: np.ndarray, k: int, namespace: str = DEFAULT_NAMESPACE) -> list[tuple[int, float]]:
         """Top-`k` (vector id, score) among `namespace`'s chunks only: the filter runs inside FAISS, so
         other namespaces never take a place in the top k."""
-        index = self.index  # first: a reload after another commit clears the filters
-        only, excluded = self._namespace_filter(namespace)
-        return index.search(vector, k, only=only, excluded=excluded)
+        with self._index_lock:
+            index = self.index  # first: a reload after another commit clears the filters
+            only, excluded = self._namespace_filter(namespace)
+            return index.search(vector, k, only=only, excluded=excluded)
 
     def _namespace_filter(self, namespace: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(ids to search among, ids to skip): a named namespace lists its own; the default one skips

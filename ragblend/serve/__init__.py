@@ -1,0 +1,1 @@
+"""`ragblend serve`: the OpenAI-compatible HTTP server (install the `serve` extra)."""

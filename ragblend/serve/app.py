@@ -1,0 +1,378 @@
+"""The OpenAI-compatible HTTP surface over one RagBlend: chat and plain completions (streamed or not),
+search, document management, health, readiness and metrics. Answers queue in the scheduler; errors
+come back in OpenAI's format."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from index.namespaces import validate_namespace
+from ragblend.answer import Answer
+from ragblend.api import RagBlend
+from ragblend.serve.answering import AnswerWork
+from ragblend.serve.conversation import Conversation, HistoryConflict, parse
+from ragblend.serve.ingest_jobs import IngestJobs
+from ragblend.serve.metrics import Metrics
+from ragblend.serve.scheduler import Cancelled, Job, Overloaded, Scheduler
+from ragblend.serve.schemas import LIMITS, ChatRequest, CompletionRequest, DocumentsRequest, Limits, SearchRequest
+from ragblend.session_store import SessionNotFoundError
+from ragblend.storage.documents import DocumentError, coerce_document, read_documents
+from ragblend.storage.store import StoreMismatchError
+
+NAMESPACE_HEADER = "x-ragblend-namespace"
+OPEN_PATHS = {"/healthz"}
+_END = object()
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`api_keys`: key -> the namespace it is bound to (None: the request's namespace header chooses)."""
+
+    api_keys: dict[str, str | None] = field(default_factory=dict)
+    max_queue: int = 64
+    prefetch: bool = True
+    limits: Limits = LIMITS
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers
+
+
+def _error_body(message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
+    """What a failure means to the client; anything unexpected is a 500 with its traceback in the log."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError(429, str(exc), "rate_limit_error", {"Retry-After": "1"})
+    if isinstance(exc, SessionNotFoundError):
+        return ApiError(404, exc.args[0], "not_found_error")
+    if isinstance(exc, HistoryConflict):
+        return ApiError(409, str(exc), "conflict_error")
+    if isinstance(exc, StoreMismatchError):
+        return ApiError(503, str(exc), "server_error")
+    if isinstance(exc, (ValueError, DocumentError)):
+        return ApiError(400, str(exc))
+    if isinstance(exc, Cancelled):
+        return ApiError(499, str(exc))
+    traceback.print_exception(exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    error = _as_api_error(exc)
+    return JSONResponse(_error_body(str(error), error.kind), status_code=error.status, headers=error.headers)
+
+
+def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
+    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch)
+    jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
+    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb))
+    model_name = Path(rb.model.name).name
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # uvicorn stops taking requests and lets running ones finish first; then nothing is dropped:
+        await asyncio.to_thread(scheduler.close)
+        await asyncio.to_thread(jobs.close)
+        await asyncio.to_thread(rb.close)
+
+    app = FastAPI(title="ragblend", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        ceiling = config.limits.max_upload_bytes if request.url.path == "/v1/documents" else config.limits.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > ceiling:
+            response = JSONResponse(_error_body(f"request body over {ceiling:,} bytes", "invalid_request_error"), 413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(_error_body(problems or "invalid request", "invalid_request_error"), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return _error_response(exc)
+
+    def tenant(request: Request) -> str:
+        """The request's namespace: its API key's, or (keys not bound to one) the namespace header's."""
+        asked = request.headers.get(NAMESPACE_HEADER)
+        if config.api_keys:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            matches = [key for key in config.api_keys if hmac.compare_digest(key.encode(), given.encode())]
+            if not matches:
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+            bound = config.api_keys[matches[0]]
+            if bound is not None:
+                if asked is not None and asked != bound:
+                    raise ApiError(403, "this API key may not use another namespace", "permission_error")
+                return bound
+        try:
+            return validate_namespace(asked or "")
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def answer(request: Request, work: AnswerWork, stream: bool, render) -> Response:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        if stream:
+            work.emit = lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece)
+
+        def run(job: Job) -> Answer:
+            try:
+                return work.run(job)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, _END)
+
+        started_at = time.perf_counter()
+        try:
+            job = scheduler.submit(Job(run, work.prefetch))
+        except Overloaded as exc:
+            return _error_response(exc)
+        result = asyncio.wrap_future(job.future)
+        if not stream:
+            try:
+                answer_ = await _until_done(request, job, result)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-format error
+                return _error_response(exc)
+            metrics.answered(answer_, time.perf_counter() - started_at)
+            return JSONResponse(render.whole(answer_, work))
+        first = await events.get()
+        if first is _END:  # nothing streamed: a failure is still an HTTP error
+            try:
+                await result
+            except Exception as exc:  # noqa: BLE001
+                return _error_response(exc)
+        return StreamingResponse(_sse(job, events, result, first, work, render, metrics, started_at),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request, namespace: str = Depends(tenant)):
+        try:
+            conversation = parse(body.messages)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        session = (body.session_id or True) if "session_id" in body.model_fields_set else None
+        work = AnswerWork(rb, body, conversation, namespace, session)
+        return await answer(request, work, body.stream, ChatRender(model_name, body.new_tokens))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, namespace: str = Depends(tenant)):
+        work = AnswerWork(rb, body, Conversation(None, [], body.prompt), namespace, None)
+        return await answer(request, work, body.stream, CompletionRender(model_name, body.new_tokens))
+
+    @app.get("/v1/models")
+    async def models(_namespace: str = Depends(tenant)):
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "ragblend"}]}
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest, namespace: str = Depends(tenant)):
+        hits = await asyncio.to_thread(rb.search, body.query, body.top_k, namespace)
+        return {"object": "list", "data": [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": h.score,
+                                            "text": h.text, "position": h.position, "metadata": h.metadata}
+                                           for h in hits]}
+
+    @app.post("/v1/documents", status_code=202)
+    async def add_documents(request: Request, namespace: str = Depends(tenant)):
+        documents, ttl_s = await _documents_of(request)
+        job = jobs.submit(documents, ttl_s, namespace)
+        return {"job_id": job.id, "status": job.status, "documents": job.documents}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str, namespace: str = Depends(tenant)):
+        job = jobs.get(job_id)
+        if job is None or job.namespace != namespace:
+            raise ApiError(404, f"no job {job_id!r}", "not_found_error")
+        return job.view()
+
+    @app.delete("/v1/documents/{doc_id}")
+    async def delete_document(doc_id: str, namespace: str = Depends(tenant)):
+        try:
+            await asyncio.to_thread(rb.delete_documents, [doc_id], namespace)
+        except KeyError as exc:
+            raise ApiError(404, exc.args[0], "not_found_error") from None
+        return {"id": doc_id, "deleted": True}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(_namespace: str = Depends(tenant)):
+        stats = await asyncio.to_thread(rb.store.stats)
+        return {"status": "ready", "model": model_name, "documents": stats.documents, "queue": scheduler.depth}
+
+    @app.get("/metrics")
+    async def metrics_page(_namespace: str = Depends(tenant)):
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _tier_bytes(rb: RagBlend) -> dict[str, int]:
+    """KV bytes in RAM (the conversation tier) and on disk (chunks and conversations), from running totals."""
+    sessions = rb.session_manager.store
+    with rb.store.env.begin() as txn:
+        disk = rb.store.kv.payload_bytes(txn) + sessions.kv.payload_bytes(txn)
+    return {"ram": sessions.ram.bytes, "disk": disk}
+
+
+async def _until_done(request: Request, job: Job, result: asyncio.Future):
+    """The job's result; if the client disconnects first, the job is cancelled (queued or running)."""
+    while True:
+        done, _ = await asyncio.wait({result}, timeout=0.25)
+        if done:
+            return result.result()
+        if await request.is_disconnected():
+            job.cancel()
+            raise Cancelled("the client went away")
+
+
+async def _documents_of(request: Request):
+    """Documents from a JSON body ({documents, ttl_s} or a bare list) or a multipart upload of files,
+    all validated before any is ingested."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        uploads = [item for item in form.getlist("files") + form.getlist("file") if hasattr(item, "filename")]
+        if not uploads:
+            raise ApiError(400, "upload files in a multipart field named 'files'")
+        with tempfile.TemporaryDirectory() as folder:
+            for upload in uploads:
+                name = Path(upload.filename or "upload.txt").name
+                (Path(folder) / name).write_bytes(await upload.read())
+            try:
+                return await asyncio.to_thread(read_documents, [folder]), None
+            except DocumentError as exc:
+                raise ApiError(400, str(exc).replace(folder + "/", "")) from None
+    try:
+        raw = await request.json()
+        body = DocumentsRequest.model_validate({"documents": raw} if isinstance(raw, list) else raw)
+    except json.JSONDecodeError:
+        raise ApiError(400, "the body is not valid JSON") from None
+    except ValidationError as exc:
+        raise ApiError(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    return [coerce_document(d.model_dump(exclude_none=True), f"documents[{i}]")
+            for i, d in enumerate(body.documents)], body.ttl_s
+
+
+def _usage(answer: Answer) -> dict:
+    completion = len(answer.token_ids)
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": answer.prompt_tokens + completion, "recomputed_tokens": answer.recomputed_tokens}
+
+
+def _details(answer: Answer) -> dict:
+    return {"mode": answer.mode, "ttft_s": answer.ttft_s,
+            "chunks": [{"doc_id": c.doc_id, "chunk_id": c.chunk_id, "score": c.score} for c in answer.chunks],
+            "timings": {k: v for k, v in answer.timings.items() if isinstance(v, (int, float))}}
+
+
+@dataclass
+class ChatRender:
+    """OpenAI chat.completion objects and chunks."""
+
+    model: str
+    max_tokens: int
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    kind: str = "chat.completion"
+
+    def _head(self, work: AnswerWork, suffix: str = "") -> dict:
+        head = {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.model}
+        if work.session_id is not None and work.keeps_session:
+            head["session_id"] = work.session_id
+        return head
+
+    def finish_reason(self, answer: Answer) -> str:
+        return "length" if len(answer.token_ids) >= self.max_tokens else "stop"
+
+    def whole(self, answer: Answer, work: AnswerWork) -> dict:
+        return {**self._head(work), "choices": [self.choice(answer.text, self.finish_reason(answer))],
+                "usage": _usage(answer), "ragblend": _details(answer)}
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    def delta(self, work: AnswerWork, piece: str | None, finish: str | None = None) -> dict:
+        delta = {"role": "assistant", "content": ""} if piece is None and finish is None else \
+            ({"content": piece} if piece is not None else {})
+        return {**self._head(work, ".chunk"), "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+@dataclass
+class CompletionRender(ChatRender):
+    """OpenAI text_completion objects (streamed chunks have the same object name)."""
+
+    kind: str = "text_completion"
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+
+    def _head(self, work: AnswerWork, suffix: str = "") -> dict:
+        return super()._head(work)
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def delta(self, work: AnswerWork, piece: str | None, finish: str | None = None) -> dict:
+        return {**self._head(work), "choices": [self.choice(piece or "", finish)]}
+
+
+async def _sse(job: Job, events: asyncio.Queue, result: asyncio.Future, first, work: AnswerWork, render: ChatRender,
+               metrics: Metrics, started_at: float) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's format; the last chunk carries usage, session id and ragblend's
+    details, then `[DONE]`. A client that goes away cancels the job."""
+    def event(data) -> str:
+        return f"data: {json.dumps(data)}\n\n"
+
+    try:
+        yield event(render.delta(work, None))
+        item = first
+        while item is not _END:
+            yield event(render.delta(work, item))
+            item = await events.get()
+        try:
+            answer = await result
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            error = _as_api_error(exc)
+            yield event(_error_body(str(error), error.kind))
+        else:
+            metrics.answered(answer, time.perf_counter() - started_at)
+            yield event({**render.delta(work, None, render.finish_reason(answer)), "usage": _usage(answer),
+                         "ragblend": _details(answer)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not result.done():
+            job.cancel()

@@ -1,0 +1,57 @@
+"""Starting the server: load the model, embedder and index once, then serve until SIGTERM or SIGINT,
+on which uvicorn stops taking requests, lets running ones finish, and the app drains its queue,
+ingest jobs and session saves before the process exits 0."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from ragblend.api import RagBlend
+from ragblend.serve.app import ServeConfig, create_app
+
+API_KEY_ENV = "RAGBLEND_API_KEY"
+
+
+def api_keys(key: str | None, keys_file: str | None) -> dict[str, str | None]:
+    """`--api-key` (or RAGBLEND_API_KEY), free to choose a namespace by header, and `--api-keys FILE`,
+    a JSON object of key -> the namespace that key is bound to."""
+    keys: dict[str, str | None] = {}
+    key = key or os.environ.get(API_KEY_ENV)
+    if key:
+        keys[key] = None
+    if keys_file:
+        bound = json.loads(Path(keys_file).read_text())
+        if not isinstance(bound, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in bound.items()):
+            raise ValueError(f"{keys_file}: expected a JSON object of API key -> namespace")
+        keys.update(bound)
+    return keys
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(store: str, model: str | None = None, embedder: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, keys: dict[str, str | None] | None = None, max_queue: int = 64,
+          threads: int | None = None, prefetch: bool = True) -> None:
+    if not keys and not _loopback(host):
+        print(f"ragblend: warning: serving on {host} without an API key: anyone who can reach it can read "
+              f"and change the store (set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    rb = RagBlend(store, model=model, embedder=embedder)
+    app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, prefetch=prefetch))
+    for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful
+        signal.signal(stop, lambda *_: None)      # shutdown: let that return here and exit 0
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
