@@ -31,7 +31,7 @@ def test_folders_are_read_recursively_in_sorted_order_with_relative_paths_as_ids
     write(tmp_path / "b.md", "# Bee\n\nBees make honey.")
     write(tmp_path / "a.txt", "Ants build nests.")
     write(tmp_path / "sub" / "c.txt", "Crickets chirp at night.")
-    write(tmp_path / "notes.pdf", b"%PDF-1.4 ignored inside folders")
+    write(tmp_path / "notes.docx", b"PK ignored inside folders")
     docs = read_documents([tmp_path])
     assert [d.id for d in docs] == ["a.txt", "b.md", "sub/c.txt"]
     assert docs[2].text == "Crickets chirp at night." and docs[2].metadata == {"path": "sub/c.txt"}
@@ -92,7 +92,11 @@ def _jsonl_without_text(tmp):
 
 
 def _unsupported_suffix(tmp):
-    return [write(tmp / "report.pdf", b"%PDF-1.4")], [r"report\.pdf", "unsupported file type", r"\.txt"]
+    return [write(tmp / "report.docx", b"PK")], [r"report\.docx", "unsupported file type", r"\.txt"]
+
+
+def _unreadable_pdf(tmp):
+    return [write(tmp / "scan.pdf", b"%PDF-1.4 truncated")], [r"scan\.pdf", "not a readable PDF"]
 
 
 def _folder_without_documents(tmp):
@@ -108,6 +112,7 @@ def _duplicate_ids(tmp):
 
 
 BAD_INPUTS = [_missing, _empty, _binary, _not_utf8, _malformed_jsonl, _jsonl_without_text, _unsupported_suffix,
+              _unreadable_pdf,
               _folder_without_documents, _duplicate_ids]
 BAD_IDS = [f.__name__.lstrip("_") for f in BAD_INPUTS]
 
@@ -284,3 +289,27 @@ def test_help_works_for_the_program_and_every_subcommand(argv):
     code, out, _ = run_cli(argv)
     assert code == 0
     assert out.startswith("usage: ragblend") and "--help" in out
+
+
+def pdf_with_text(text: str) -> bytes:
+    """A minimal one-page PDF whose text layer is `text` (Helvetica, no compression)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+def test_a_pdf_is_read_from_its_text_layer(tmp_path):
+    write(tmp_path / "mill.pdf", pdf_with_text("The tide mill was built in 1802."))
+    [doc] = read_documents([tmp_path])
+    assert (doc.id, doc.text) == ("mill.pdf", "The tide mill was built in 1802.")
