@@ -298,7 +298,7 @@ def _usage(answer: Answer) -> dict:
 def _details(answer: Answer) -> dict:
     return {"mode": answer.mode, "ttft_s": answer.ttft_s,
             "chunks": [{"doc_id": c.doc_id, "chunk_id": c.chunk_id, "score": c.score} for c in answer.chunks],
-            "timings": {k: v for k, v in answer.timings.items() if isinstance(v, (int, float))}}
+            "timings": dict(answer.timings)}
 
 
 @dataclass
