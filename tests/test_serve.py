@@ -3,12 +3,6 @@
 requests get OpenAI-format errors, and a SIGTERM loses nothing that was acknowledged."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +12,7 @@ import openai
 import pytest
 
 from ragblend import RagBlend
+from ragblend.serve.launch import ServerProcess
 
 KEY = "test-key"
 DOCS = [{"id": "lighthouse", "text": "The lighthouse of Varn was built in 1821 by the engineer Oda Pell."},
@@ -26,40 +21,15 @@ DOCS = [{"id": "lighthouse", "text": "The lighthouse of Varn was built in 1821 b
 QUESTION = "Who built the lighthouse of Varn?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, store: Path, model: Path, *extra: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAGBLEND_API_KEY": KEY}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ragblend.cli", "serve", "--store", str(store), "--model", str(model),
-             "--port", str(self.port), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start in 120 s")
+        super().__init__(store, "--model", str(model), *extra, api_key=KEY)
 
     def http(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, **kwargs)
+        return self.client(**kwargs)
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")

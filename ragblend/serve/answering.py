@@ -18,6 +18,7 @@ from ragblend.serve.conversation import Conversation, check_continues
 from ragblend.serve.scheduler import Cancelled, Job
 from ragblend.serve.schemas import Generation
 
+
 @dataclass
 class AnswerWork:
     rb: RagBlend

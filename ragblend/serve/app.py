@@ -30,7 +30,14 @@ from ragblend.serve.conversation import Conversation, HistoryConflict, parse
 from ragblend.serve.ingest_jobs import IngestJobs
 from ragblend.serve.metrics import Metrics
 from ragblend.serve.scheduler import Cancelled, Job, Overloaded, Scheduler
-from ragblend.serve.schemas import LIMITS, ChatRequest, CompletionRequest, DocumentsRequest, Limits, SearchRequest
+from ragblend.serve.schemas import (
+    LIMITS,
+    ChatRequest,
+    CompletionRequest,
+    DocumentsRequest,
+    Limits,
+    SearchRequest,
+)
 from ragblend.session_store import SessionNotFoundError
 from ragblend.storage.documents import DocumentError, coerce_document, read_documents
 from ragblend.storage.store import StoreMismatchError
