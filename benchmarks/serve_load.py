@@ -1,0 +1,202 @@
+"""`ragblend serve` under load, measured from clients over HTTP against a real server process.
+
+    python benchmarks/serve_load.py [--sections load,prefetch] [--clients 1,4,16] [--duration 45] [--write-docs]
+
+load: N concurrent clients for a fixed time, each sending a mix of one-shot RAG questions and
+      three-turn sessions (streamed): throughput, p50/p95 TTFT as the client sees it (queueing
+      included), errors (429s counted apart), and the server's RSS.
+prefetch: sessions whose KV does not fit the RAM tier (it holds a quarter of them), follow-up turns from
+      concurrent clients to random sessions, the same request sequence with the scheduler's prefetch on
+      and off: where each turn's history came from (RAM or disk) and mean TTFT.
+Documents are MuSiQue passages from ../shared/eval (skipped cleanly where absent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docsection import machine, musique_records, replace_section  # noqa: E402
+
+from ragblend.api import RagBlend  # noqa: E402
+from ragblend.serve.launch import ServerProcess  # noqa: E402
+
+RECORDS = 6  # MuSiQue questions whose passages make the store (10 each)
+MAX_TOKENS = 16
+
+
+def build_store(folder: Path, records: list[dict]) -> list[str]:
+    """The store of the first RECORDS questions' passages; their questions."""
+    with RagBlend(folder) as rb:
+        rb.add_documents([{"id": f"q{i}-p{j}", "text": f"{c['title']}\n{c['text']}"}
+                          for i, r in enumerate(records) for j, c in enumerate(r["ctxs"])], progress=True)
+    rb.store.close()
+    return [r["question"] for r in records]
+
+
+def ask(http, messages: list[dict], session: str | None | bool = False, top_k: int = 2) -> dict:
+    """One streamed chat request: status, client-side TTFT and latency, and the final chunk's details."""
+    body = {"messages": messages, "max_tokens": MAX_TOKENS, "stream": True, "top_k": top_k}
+    if session is not False:
+        body["session_id"] = session
+    start = time.perf_counter()
+    result = {"status": 0, "ttft_s": None}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        result["status"] = response.status_code
+        if response.status_code != 200:
+            response.read()
+            return result
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or [{}]
+            if result["ttft_s"] is None and choices[0].get("delta", {}).get("content"):
+                result["ttft_s"] = time.perf_counter() - start
+            if "ragblend" in chunk:
+                result.update(final=chunk, session_id=chunk.get("session_id"))
+            if "error" in chunk:
+                result["status"] = 500
+    result["latency_s"] = time.perf_counter() - start
+    return result
+
+
+def _client(server: ServerProcess, questions: list[str], deadline: float, seed: int, results: list, lock) -> None:
+    rng = random.Random(seed)
+    with server.client() as http:
+        while time.monotonic() < deadline:
+            if rng.random() < 0.5:
+                batch = [ask(http, [{"role": "user", "content": rng.choice(questions)}])]
+            else:
+                batch, session = [], None
+                for _ in range(3):
+                    batch.append(ask(http, [{"role": "user", "content": rng.choice(questions)}], session))
+                    session = batch[-1].get("session_id") or session
+            with lock:
+                results.extend(batch)
+            for r in batch:
+                if r["status"] == 429:
+                    time.sleep(1)
+
+
+def section_load(store: Path, questions: list[str], levels: list[int], duration_s: float) -> str:
+    rows = []
+    with ServerProcess(store, "--max-queue", "64") as server:
+        with server.client() as http:  # warm-up: first request pays lazy initialisation
+            ask(http, [{"role": "user", "content": questions[0]}])
+        for clients in levels:
+            results, lock = [], threading.Lock()
+            deadline = time.monotonic() + duration_s
+            threads = [threading.Thread(target=_client, args=(server, questions, deadline, seed, results, lock))
+                       for seed in range(clients)]
+            start = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.monotonic() - start
+            ok = [r for r in results if r["status"] == 200]
+            ttfts = sorted(r["ttft_s"] for r in ok if r["ttft_s"] is not None)
+            rss, peak = server.rss_bytes()
+            rows.append((clients, len(ok), len(ok) / wall, statistics.median(ttfts), ttfts[int(0.95 * (len(ttfts) - 1))],
+                         statistics.median(r["latency_s"] for r in ok),
+                         sum(r["status"] not in (200, 429) for r in results), sum(r["status"] == 429 for r in results),
+                         rss, peak))
+            print(rows[-1], flush=True)
+    lines = [f"{duration_s:.0f} s per level; every client alternates at random between a one-shot RAG question "
+             f"(top 2 of {RECORDS * 10} MuSiQue passages, 256-token chunks, blend) and a three-turn session; "
+             f"streamed, {MAX_TOKENS} new tokens; TTFT measured by the client (queueing included).", "",
+             "| clients | answers | answers/s | TTFT p50 | TTFT p95 | latency p50 | errors | 429s | server RSS (peak) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c, n, rate, p50, p95, lat, errors, busy, rss, peak in rows:
+        lines.append(f"| {c} | {n} | {rate:.2f} | {p50:.2f} s | {p95:.2f} s | {lat:.2f} s | {errors} | {busy} | "
+                     f"{rss / 1e6:,.0f} MB ({peak / 1e6:,.0f} MB) |")
+    return "\n".join(lines)
+
+
+def _prefetch_run(base: Path, questions: list[str], prefetch: bool, sessions: int, turns: int,
+                  clients: int, ram_bytes: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        shutil.copytree(base, store)
+        args = ["--session-ram-bytes", str(ram_bytes)] + ([] if prefetch else ["--no-prefetch"])
+        with ServerProcess(store, *args) as server, server.client() as http:
+            ids = [ask(http, [{"role": "user", "content": questions[i % len(questions)]}], None, top_k=1)["session_id"]
+                   for i in range(sessions)]
+            results, lock = [], threading.Lock()
+
+            def follow_ups(seed: int) -> None:
+                rng = random.Random(seed)
+                with server.client() as own:
+                    for _ in range(turns):
+                        r = ask(own, [{"role": "user", "content": rng.choice(questions)}], rng.choice(ids), top_k=1)
+                        with lock:
+                            results.append(r)
+
+            threads = [threading.Thread(target=follow_ups, args=(seed,)) for seed in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    timings = [r["final"]["ragblend"]["timings"] for r in results if r["status"] == 200]
+    sources = Counter(t["history_source"] for t in timings)
+    return {"turns": len(timings), "ram": sources["ram"], "disk": sources["disk"], "recomputed": sources["recomputed"],
+            "ttft_s": statistics.mean(r["final"]["ragblend"]["ttft_s"] for r in results if r["status"] == 200),
+            "client_ttft_s": statistics.mean(r["ttft_s"] for r in results if r["status"] == 200 and r["ttft_s"]),
+            "history_load_s": statistics.mean(t["history_load_s"] for t in timings)}
+
+
+def section_prefetch(base: Path, questions: list[str], sessions: int = 16, turns: int = 10, clients: int = 4) -> str:
+    per_session = 24 << 20  # about one turn of a 1-passage question with SmolLM2 (fp16)
+    ram = sessions * per_session // 4
+    runs = {flag: _prefetch_run(base, questions, flag, sessions, turns, clients, ram) for flag in (False, True)}
+    lines = [f"{sessions} sessions of one turn (1 passage + question), RAM tier {ram >> 20} MiB (about a quarter of "
+             f"their KV), then {clients} clients x {turns} follow-up turns to random sessions (same seeds both runs).", "",
+             "| prefetch | turns | history from RAM / disk / recomputed | mean history load | mean TTFT (server) | "
+             "mean TTFT (client, queueing included) |", "|---|---|---|---|---|---|"]
+    for flag, r in runs.items():
+        lines.append(f"| {'on' if flag else 'off'} | {r['turns']} | {r['ram']} / {r['disk']} / {r['recomputed']} | "
+                     f"{r['history_load_s'] * 1e3:.1f} ms | {r['ttft_s']:.3f} s | {r['client_ttft_s']:.3f} s |")
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="load,prefetch")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--duration", type=float, default=45.0, help="seconds per load level")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    records = musique_records()
+    if records is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "store"
+        questions = build_store(base, records[:RECORDS])
+        sections = args.sections.split(",")
+        command = f"`python benchmarks/serve_load.py --sections {{}} --clients {args.clients} --duration {args.duration:.0f}`"
+        if "load" in sections:
+            body = section_load(base, questions, [int(c) for c in args.clients.split(",")], args.duration)
+            if args.write_docs:
+                replace_section("serve-load", f"{body}\n\nMachine: {machine()}. Command: {command.format('load')}")
+        if "prefetch" in sections:
+            body = section_prefetch(base, questions)
+            if args.write_docs:
+                replace_section("serve-prefetch", f"{body}\n\nMachine: {machine()}. Command: {command.format('prefetch')}")
+
+
+if __name__ == "__main__":
+    main()
