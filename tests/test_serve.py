@@ -3,6 +3,7 @@
 requests get OpenAI-format errors, and a SIGTERM loses nothing that was acknowledged."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from ragblend import RagBlend
 from ragblend.serve.launch import ServerProcess
 
 KEY = "test-key"
+TENANT_KEY = "tenant-a-key"  # bound to namespace tenant-a
 DOCS = [{"id": "lighthouse", "text": "The lighthouse of Varn was built in 1821 by the engineer Oda Pell."},
         {"id": "bridges", "text": "Oda Pell later designed three bridges over the river Am in Kessel."},
         {"id": "glass", "text": "Kessel is famous for its glass markets and its mayor Tomas Reh."}]
@@ -52,8 +54,10 @@ def expected(tmp_path_factory, model_dir, embedder):
 
 
 @pytest.fixture(scope="module")
-def server(expected, model_dir):
-    server = Server(expected[0], model_dir, "--max-queue", "2")
+def server(expected, model_dir, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps({TENANT_KEY: "tenant-a"}))
+    server = Server(expected[0], model_dir, "--max-queue", "2", "--api-keys", str(keys))
     yield server
     if server.process.poll() is None:
         server.stop()
@@ -216,3 +220,29 @@ def test_sigterm_finishes_what_was_acknowledged(expected, model_dir, embedder, t
         assert rb.chat(turn["session_id"]).turns == 1
         saved = {s.id: s.bytes for s in rb.sessions()}
         assert saved[turn["session_id"]] > 0  # the turn's KV was saved, not just its record
+
+
+def test_a_key_bound_to_a_namespace_reads_and_writes_only_that_namespace(server):
+    tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
+    with httpx.Client(base_url=server.url, headers=tenant, timeout=60) as http:
+        assert http.post("/v1/search", json={"query": QUESTION}).json()["data"] == []  # the default namespace's docs
+        job = http.post("/v1/documents", json=[{"id": "own", "text": "Tenant A's harbour opens at nine."}]).json()
+        while http.get(f"/v1/jobs/{job['job_id']}").json()["status"] in ("queued", "running"):
+            time.sleep(0.1)
+        assert [h["doc_id"] for h in http.post("/v1/search", json={"query": "harbour"}).json()["data"]] == ["own"]
+        other = http.post("/v1/search", json={"query": "x"}, headers={"X-Ragblend-Namespace": "tenant-b"})
+        assert other.status_code == 403
+    with server.http() as http:
+        assert "own" not in {h["doc_id"] for h in http.post("/v1/search", json={"query": "harbour"}).json()["data"]}
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1000, "stream": True,
+            "mode": "full"}) as response:
+        next(response.iter_lines())  # the stream has started; now hang up
+    deadline = time.monotonic() + 5  # 1000 tokens would take far longer
+    with server.http() as http:
+        while "ragblend_queue_depth 0.0" not in http.get("/metrics").text:
+            assert time.monotonic() < deadline, "the abandoned request still holds the model"
+            time.sleep(0.2)

@@ -267,6 +267,21 @@ def test_ram_tier_evicts_least_recently_used_within_its_budget():
     assert (tier.hits, tier.misses) == (1, 0)
 
 
+def test_ram_tier_keeps_what_queued_requests_need_until_released():
+    tier = RamTier(max_bytes=2 * 32 * 2)  # two 2-token entries
+    tier.put("queued", kv(2))
+    tier.protect(["queued"])
+    tier.put("b", kv(2))
+    tier.put("c", kv(2))  # evicts b, never the protected entry
+    assert "queued" in tier and "b" not in tier and "c" in tier
+    tier.protect(["c"])
+    tier.put("d", kv(2))  # no room beside protected entries: not kept
+    assert "d" not in tier and tier.bytes <= tier.max_bytes
+    tier.release(["queued", "c"])
+    tier.put("e", kv(2))
+    assert "e" in tier and "queued" not in tier
+
+
 def test_cli_lists_ends_and_expires_sessions(rb, capsys):
     from ragblend.cli import main
 
