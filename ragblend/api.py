@@ -91,8 +91,19 @@ class RagBlend:
         return [d.id for d in documents]
 
     def ingest(self, documents: list[Document], progress: bool = True, ttl_s: float | None = None,
-               namespace: str = DEFAULT_NAMESPACE) -> IngestReport:
-        return self.ingestor.ingest(documents, progress=progress, ttl_s=ttl_s, namespace=namespace)
+               namespace: str = DEFAULT_NAMESPACE, kv_compute=None) -> IngestReport:
+        """`kv_compute`: where chunk KV is computed (default here; see `ray_kv_compute`)."""
+        return self.ingestor.ingest(documents, progress=progress, ttl_s=ttl_s, namespace=namespace,
+                                    kv_compute=kv_compute)
+
+    def ray_kv_compute(self, model: str | Path | None = None, workers: int = 2, address: str | None = None):
+        """Chunk KV precompute on `workers` Ray actors, for `ingest(..., kv_compute=)`; `model` is this
+        RagBlend's model folder as every Ray node can read it (None: the bundled default)."""
+        from ragblend.storage.distributed import RayKVCompute
+
+        transfer = "float16" if self.store.manifest.kv_dtype == "float16" else "float32"
+        return RayKVCompute(model, self.template.prefix_ids, self.model.fingerprint, workers=workers, address=address,
+                            max_batch_tokens=self.ingestor.spans.max_batch_tokens, transfer_dtype=transfer)
 
     def expire(self) -> list[str]:
         """Apply ended document TTLs now (also done on open and before every ingest): a document with

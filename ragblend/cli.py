@@ -16,7 +16,11 @@ def _ingest(args: argparse.Namespace) -> None:
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
                   index_kind=args.index, kv_max_bytes=args.kv_max_bytes, kv_dtype=args.kv_dtype)
-    report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s, namespace=args.namespace)
+    compute = None
+    if args.ray is not None:
+        compute = rb.ray_kv_compute(args.model, workers=args.ray_workers,
+                                    address=None if args.ray == "local" else args.ray)
+    report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s, namespace=args.namespace, kv_compute=compute)
     if args.pin:
         rb.pin([d.id for d in docs], args.namespace)
     rb.close()
@@ -209,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "ttl_s): then their KV is dropped, or with expire=document, they are")
     ingest.add_argument("--kv-dtype", choices=["float16", "int8"], help="KV encoding of a new store (default float16)")
     _namespace_option(ingest)
+    ingest.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="compute chunk KV on Ray actors (the ray extra): a cluster ADDRESS, or alone for a "
+                             "local cluster; the model folder must be readable on every node")
+    ingest.add_argument("--ray-workers", type=int, default=2, help="Ray actors, each with one model (default 2)")
     ingest.set_defaults(run=_ingest)
 
     query = commands.add_parser("query", help="answer a question from the store",

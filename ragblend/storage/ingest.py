@@ -7,6 +7,7 @@ changed document replaces its chunks. An interrupted ingest resumes without reco
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lmdb
@@ -16,7 +17,7 @@ from index.docstore import ChunkRecord, DocRecord
 from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.chunking import Chunk, chunk_id, split_document
-from kvchunks.precompute import SpanComputer
+from kvchunks.precompute import ChunkKV, SpanComputer
 from ragblend.storage.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
@@ -55,14 +56,22 @@ class _PlannedDoc:
     ids: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Run:
+    """What the ingest under way applies to every document."""
+
+    ttl_s: float | None = None  # default TTL
+    namespace: str = DEFAULT_NAMESPACE
+    compute: Callable[[list[list[int]]], list[ChunkKV]] | None = None  # chunk KV: local, or Ray actors
+
+
 class Ingestor:
     def __init__(self, store: Store, model: LoadedModel, template: PromptTemplate, embedder: Embedder,
                  chunk_tokens: int, max_batch_tokens: int = 4096):
         self.store, self.model, self.template, self.embedder = store, model, template, embedder
         self.chunk_tokens = chunk_tokens
         self.spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids, max_batch_tokens)
-        self._ttl_s: float | None = None  # default TTL of the ingest under way
-        self._namespace = DEFAULT_NAMESPACE  # and the namespace it writes to
+        self._run = _Run(compute=self.spans.compute)
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -74,13 +83,13 @@ class Ingestor:
         planned, unchanged = [], 0
         with self.store.env.begin() as txn:
             for doc in docs:
-                old = self.store.docs.get_doc(txn, doc.id, self._namespace)
+                old = self.store.docs.get_doc(txn, doc.id, self._run.namespace)
                 if old is not None and old.content_hash == doc.content_hash():
                     unchanged += 1
                     continue
                 chunks = self._chunk(doc)
                 fingerprint = self.store.manifest.kv_fingerprint
-                ids = [chunk_id(fingerprint, c.token_ids, self._namespace) for c in chunks]
+                ids = [chunk_id(fingerprint, c.token_ids, self._run.namespace) for c in chunks]
                 planned.append(_PlannedDoc(doc, chunks, ids))
         return planned, unchanged
 
@@ -100,12 +109,12 @@ class Ingestor:
 
     def _store_chunks(self, chunks: dict[str, Chunk]) -> None:
         ids = list(chunks)
-        kvs = self.spans.compute([list(chunks[c].token_ids) for c in ids])
+        kvs = self._run.compute([list(chunks[c].token_ids) for c in ids])
         vectors = self.embedder.embed([chunks[c].text for c in ids])
         with self.store.env.begin(write=True) as txn:
             for cid, kv, vector in zip(ids, kvs, vectors):
                 record = self.store.docs.get_chunk(txn, cid) or ChunkRecord(
-                    cid, chunks[cid].text, list(chunks[cid].token_ids), namespace=self._namespace)
+                    cid, chunks[cid].text, list(chunks[cid].token_ids), namespace=self._run.namespace)
                 self.store.kv.put(txn, cid, kv)
                 self.store.docs.put_chunk(txn, record)
                 self.store.docs.put_embedding(txn, cid, vector)
@@ -123,7 +132,7 @@ class Ingestor:
         touched: set[str] = set()
         with self.store.env.begin(write=True) as txn:
             for item in planned:
-                old = self.store.docs.get_doc(txn, item.doc.id, self._namespace)
+                old = self.store.docs.get_doc(txn, item.doc.id, self._run.namespace)
                 if old is not None:
                     self._unlink(txn, old.doc_id, old.chunk_ids, touched)
                 for cid, chunk in zip(item.ids, item.chunks):
@@ -132,11 +141,11 @@ class Ingestor:
                     self.store.docs.put_chunk(txn, record)
                     touched.add(cid)
                 tokens = sum(len(c.token_ids) for c in item.chunks)
-                ttl_s = item.doc.ttl_s or self._ttl_s
+                ttl_s = item.doc.ttl_s or self._run.ttl_s
                 self.store.docs.put_doc(txn, DocRecord(item.doc.id, item.doc.content_hash(), item.ids,
                                                        item.doc.metadata, item.doc.source, tokens,
                                                        expires_at=time.time() + ttl_s if ttl_s else None,
-                                                       expire=item.doc.expire, namespace=self._namespace))
+                                                       expire=item.doc.expire, namespace=self._run.namespace))
             live, dead = self._split_live(txn, touched)
             vectors = [self.store.docs.get_embedding(txn, cid) for cid in live]
             self.store.bump_generation(txn)
@@ -185,13 +194,15 @@ class Ingestor:
         return [d.doc_id for d in gone] + self.store.drop_expired_kv(now)
 
     def ingest(self, docs: list[Document], progress: bool = True, ttl_s: float | None = None,
-               namespace: str = DEFAULT_NAMESPACE) -> IngestReport:
+               namespace: str = DEFAULT_NAMESPACE, kv_compute=None) -> IngestReport:
         """`ttl_s`: the TTL of documents that do not set their own (None: no expiry). `namespace`: the
-        tenant the documents belong to, invisible to every other. A full store or disk raises
+        tenant the documents belong to, invisible to every other. `kv_compute`: what computes chunk KV
+        (default this process's model; a RayKVCompute spreads it). A full store or disk raises
         StoreFullError; documents committed before stay whole, the rest are absent."""
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
-        self._ttl_s, self._namespace = ttl_s, validate_namespace(namespace)
+        compute = kv_compute.compute if kv_compute is not None else self.spans.compute
+        self._run = _Run(ttl_s, validate_namespace(namespace), compute)
         try:
             return self._ingest(docs, progress)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:

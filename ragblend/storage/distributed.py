@@ -1,0 +1,87 @@
+"""Chunk KV precompute spread over Ray actors (the `ray` extra): `ragblend ingest ... --ray [ADDRESS]`.
+
+Chunking, embedding and commits stay on the driver; each actor loads the model once and computes the
+KV of whole length-groups of chunks, the same groups a local ingest computes, so the stored records are
+the same bytes. An actor that dies is restarted by Ray and its group is computed again (Ray retries the
+call), so a failed worker loses no chunk. `address=None` starts a local Ray cluster.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvchunks.precompute import ChunkKV, SpanComputer, batches_by_length
+from ragblend.engine.model import load_model
+
+try:
+    import ray
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("distributed ingest needs Ray: pip install 'ragblend[ray]'") from exc
+
+ACTOR_RETRIES = 2
+START_TIMEOUT_S = 600  # loading the model on every actor
+
+
+@ray.remote(max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
+class KVWorker:
+    """One model replica computing spans' KV behind the prompt prefix."""
+
+    def __init__(self, model: str | None, prefix_ids: list[int], threads: int):
+        torch.set_num_threads(threads)
+        loaded = load_model(model, device="cpu")
+        self.fingerprint = loaded.fingerprint
+        self.spans = SpanComputer(loaded.decoder, loaded.head_dim, prefix_ids)
+
+    def model_fingerprint(self) -> str:
+        return self.fingerprint
+
+    def compute(self, token_lists: list[list[int]], dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        cast = getattr(torch, dtype)
+        return [(kv.keys.to(cast).numpy(), kv.values.to(cast).numpy()) for kv in self.spans.compute(token_lists)]
+
+
+class RayKVCompute:
+    """What an Ingestor calls to compute chunk KV, with the work on `workers` Ray actors."""
+
+    def __init__(self, model: str | Path | None, prefix_ids: list[int], model_fingerprint: str, workers: int = 2,
+                 address: str | None = None, threads_per_worker: int = 1, max_batch_tokens: int = 4096,
+                 transfer_dtype: str = "float16"):
+        """`model`: a folder every Ray node can read (None: the bundled default); `transfer_dtype`: what
+        actors send back ("float16" is exact for fp16 stores, "float32" for int8 ones)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        self.max_batch_tokens, self.transfer_dtype = max_batch_tokens, transfer_dtype
+        # More actors than the cluster has CPUs share them (fractional CPUs) rather than wait forever.
+        cpus = min(threads_per_worker, ray.cluster_resources().get("CPU", 1) / workers)
+        self.actors = [KVWorker.options(num_cpus=cpus).remote(
+            None if model is None else str(model), list(prefix_ids), threads_per_worker) for _ in range(workers)]
+        try:
+            found = set(ray.get([actor.model_fingerprint.remote() for actor in self.actors], timeout=START_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(f"{workers} Ray workers did not start within {START_TIMEOUT_S} s "
+                               f"(cluster resources: {ray.cluster_resources()})") from None
+        if found != {model_fingerprint}:
+            raise ValueError(f"Ray workers loaded a different model ({', '.join(sorted(found))}) than the store's "
+                             f"({model_fingerprint}); give them the same model folder")
+
+    def compute(self, token_lists: list[list[int]]) -> list[ChunkKV]:
+        """One ChunkKV per span, in order; length-groups go round-robin to the actors."""
+        groups = batches_by_length(token_lists, self.max_batch_tokens)
+        calls = [self.actors[i % len(self.actors)].compute.remote([list(token_lists[j]) for j in group],
+                                                                  self.transfer_dtype)
+                 for i, group in enumerate(groups)]
+        results: list[ChunkKV | None] = [None] * len(token_lists)
+        for group, arrays in zip(groups, ray.get(calls)):
+            for index, (keys, values) in zip(group, arrays):
+                results[index] = ChunkKV(torch.from_numpy(keys).float(), torch.from_numpy(values).float())
+        return results
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
