@@ -9,7 +9,6 @@ import json
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,13 @@ from ragblend.serve.answering import AnswerWork
 from ragblend.serve.conversation import Conversation, HistoryConflict, parse
 from ragblend.serve.ingest_jobs import IngestJobs
 from ragblend.serve.metrics import Metrics
+from ragblend.serve.render import (
+    ChatRender,
+    CompletionRender,
+    details,
+    error_body,
+    usage,
+)
 from ragblend.serve.scheduler import Cancelled, Job, Overloaded, Scheduler
 from ragblend.serve.schemas import (
     LIMITS,
@@ -64,10 +70,6 @@ class ApiError(Exception):
         self.status, self.kind, self.headers = status, kind, headers
 
 
-def _error_body(message: str, kind: str) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
 def _as_api_error(exc: BaseException) -> ApiError:
     """What a failure means to the client; anything unexpected is a 500 with its traceback in the log."""
     if isinstance(exc, ApiError):
@@ -90,7 +92,7 @@ def _as_api_error(exc: BaseException) -> ApiError:
 
 def _error_response(exc: BaseException) -> JSONResponse:
     error = _as_api_error(exc)
-    return JSONResponse(_error_body(str(error), error.kind), status_code=error.status, headers=error.headers)
+    return JSONResponse(error_body(str(error), error.kind), status_code=error.status, headers=error.headers)
 
 
 def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -114,7 +116,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     async def limits_and_metrics(request: Request, call_next):
         ceiling = config.limits.max_upload_bytes if request.url.path == "/v1/documents" else config.limits.max_body_bytes
         if int(request.headers.get("content-length") or 0) > ceiling:
-            response = JSONResponse(_error_body(f"request body over {ceiling:,} bytes", "invalid_request_error"), 413)
+            response = JSONResponse(error_body(f"request body over {ceiling:,} bytes", "invalid_request_error"), 413)
         else:
             response = await call_next(request)
         route = request.scope.get("route")
@@ -124,11 +126,11 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
-        return JSONResponse(_error_body(problems or "invalid request", "invalid_request_error"), 400)
+        return JSONResponse(error_body(problems or "invalid request", "invalid_request_error"), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
-        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
@@ -296,67 +298,6 @@ async def _documents_of(request: Request):
             for i, d in enumerate(body.documents)], body.ttl_s
 
 
-def _usage(answer: Answer) -> dict:
-    completion = len(answer.token_ids)
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": answer.prompt_tokens + completion, "recomputed_tokens": answer.recomputed_tokens}
-
-
-def _details(answer: Answer) -> dict:
-    return {"mode": answer.mode, "ttft_s": answer.ttft_s,
-            "chunks": [{"doc_id": c.doc_id, "chunk_id": c.chunk_id, "score": c.score} for c in answer.chunks],
-            "timings": dict(answer.timings)}
-
-
-@dataclass
-class ChatRender:
-    """OpenAI chat.completion objects and chunks."""
-
-    model: str
-    max_tokens: int
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
-    kind: str = "chat.completion"
-
-    def _head(self, work: AnswerWork, suffix: str = "") -> dict:
-        head = {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.model}
-        if work.session_id is not None and work.keeps_session:
-            head["session_id"] = work.session_id
-        return head
-
-    def finish_reason(self, answer: Answer) -> str:
-        return "length" if len(answer.token_ids) >= self.max_tokens else "stop"
-
-    def whole(self, answer: Answer, work: AnswerWork) -> dict:
-        return {**self._head(work), "choices": [self.choice(answer.text, self.finish_reason(answer))],
-                "usage": _usage(answer), "ragblend": _details(answer)}
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-
-    def delta(self, work: AnswerWork, piece: str | None, finish: str | None = None) -> dict:
-        delta = {"role": "assistant", "content": ""} if piece is None and finish is None else \
-            ({"content": piece} if piece is not None else {})
-        return {**self._head(work, ".chunk"), "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-
-@dataclass
-class CompletionRender(ChatRender):
-    """OpenAI text_completion objects (streamed chunks have the same object name)."""
-
-    kind: str = "text_completion"
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
-
-    def _head(self, work: AnswerWork, suffix: str = "") -> dict:
-        return super()._head(work)
-
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def delta(self, work: AnswerWork, piece: str | None, finish: str | None = None) -> dict:
-        return {**self._head(work), "choices": [self.choice(piece or "", finish)]}
-
-
 async def _sse(job: Job, events: asyncio.Queue, result: asyncio.Future, first, work: AnswerWork, render: ChatRender,
                metrics: Metrics, started_at: float) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format; the last chunk carries usage, session id and ragblend's
@@ -374,11 +315,11 @@ async def _sse(job: Job, events: asyncio.Queue, result: asyncio.Future, first, w
             answer = await result
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             error = _as_api_error(exc)
-            yield event(_error_body(str(error), error.kind))
+            yield event(error_body(str(error), error.kind))
         else:
             metrics.answered(answer, time.perf_counter() - started_at)
-            yield event({**render.delta(work, None, render.finish_reason(answer)), "usage": _usage(answer),
-                         "ragblend": _details(answer)})
+            yield event({**render.delta(work, None, render.finish_reason(answer)), "usage": usage(answer),
+                         "ragblend": details(answer)})
         yield "data: [DONE]\n\n"
     finally:
         if not result.done():
