@@ -14,7 +14,6 @@ def error_body(message: str, kind: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-
 def usage(answer: Answer) -> dict:
     completion = len(answer.token_ids)
     return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
