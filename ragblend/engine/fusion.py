@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.engine.attention import RowPlan
 from ragblend.engine.layout import PromptLayout
+from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.loader import LayerLoader
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.selection import (AUTO, BlendConfig, auto_share, budget_groups, chunk_starts, deviation,
@@ -46,7 +47,7 @@ class RowScatterCache:
         return full_k[:, :, :end], full_v[:, :, :end]
 
     def to_dynamic(self) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=[(k, v) for k, v in self.layers])
+        return decode_cache(self.layers)
 
 
 class FusionEngine:
@@ -159,4 +160,5 @@ class FusionEngine:
     def full_prefill(self, layout: PromptLayout) -> Prefill:
         """Ordinary prefill of the whole prompt with the model's own forward: the reference."""
         out = self.model.model(layout.ids_tensor(self.model.device)[None], use_cache=True, logits_to_keep=1)
-        return Prefill(out.logits[0, -1].float(), out.cache, len(layout))
+        cache = decode_cache([(layer.keys, layer.values) for layer in out.cache.layers])
+        return Prefill(out.logits[0, -1].float(), cache, len(layout))
