@@ -14,10 +14,16 @@ class GrowingLayer(DynamicLayer):
     """`keys` / `values` stay views of the first `length` rows of the buffers, as DynamicLayer's are."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        """`keys` / `values`: the prompt's; views made by `with_spare_rows` are adopted without a copy."""
         super().__init__()
         self.lazy_initialization(keys, values)
-        self._k, self._v, self._length = keys, values, 0
-        self._append(keys, values)
+        self._k, self._v = _buffer_of(keys), _buffer_of(values)
+        self._length = keys.shape[-2] if self._k is not None and self._v is not None else 0
+        if self._length:
+            self.keys, self.values = keys, values
+        else:
+            self._k, self._v = keys, values
+            self._append(keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._append(key_states, value_states)
@@ -44,8 +50,27 @@ class GrowingLayer(DynamicLayer):
         self._length = self.keys.shape[-2]
 
 
+def with_spare_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty [batch, heads, tokens, dim] tensor whose buffer has room for SPARE_TOKENS more rows, so the
+    prefill that fills it hands it to decode without a copy."""
+    batch, heads, tokens, dim = shape
+    return torch.empty(batch, heads, tokens + SPARE_TOKENS, dim, dtype=dtype, device=device)[:, :, :tokens]
+
+
+def _buffer_of(view: torch.Tensor) -> torch.Tensor | None:
+    """The whole buffer behind a `with_spare_rows` view, or None for an ordinary tensor."""
+    batch, heads, tokens, dim = view.shape
+    if view.stride(3) != 1 or view.stride(2) != dim or view.storage_offset() != 0:
+        return None
+    rows = view.stride(1) // dim
+    if rows <= tokens or view.untyped_storage().nbytes() < batch * heads * rows * dim * view.element_size():
+        return None
+    return view.as_strided((batch, heads, rows, dim), view.stride())
+
+
 def decode_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache over the prompt's per-layer K/V whose layers grow in place."""
+    """A DynamicCache over the prompt's per-layer K/V whose layers grow in place; the tensors are handed
+    over (with_spare_rows buffers are written into, not copied)."""
     cache = DynamicCache()
     cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
     return cache

@@ -18,6 +18,7 @@ import torch
 from kvchunks.kvstore import StoredKV
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import rotate_in_place
+from ragblend.engine.decode_cache import with_spare_rows
 
 # Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -73,8 +74,8 @@ class LayerLoader:
     def _load_layer(self, txn: lmdb.Transaction, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         first_k, _ = self._layer_of(txn, self.sources[0][1], layer)
         shape = (1, first_k.shape[0], self.length, first_k.shape[2])
-        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        keys = with_spare_rows(shape, self.dtype, self.device)  # decode grows into the spare rows
+        values = with_spare_rows(shape, self.dtype, self.device)
         stored = self._stored_len()
         keys[:, :, stored:] = 0  # rows the engine computes; every stored row is written below
         values[:, :, stored:] = 0
