@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -28,6 +29,15 @@ def _new_index(dim: int, kind: str) -> faiss.IndexIDMap2:
 
 def _kind_of(index: faiss.IndexIDMap2) -> str:
     return "hnsw" if isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW) else "flat"
+
+
+@dataclass(frozen=True)
+class IdFilter:
+    """Which ids a search may return, as FAISS search parameters (None: all of them)."""
+
+    params: faiss.SearchParameters | None
+    empty: bool = False
+    selectors: tuple = ()  # what `params` points at: the C++ side holds raw pointers, so keep them alive
 
 
 class VectorIndex:
@@ -77,37 +87,38 @@ class VectorIndex:
         self._index = _new_index(self.dim, self.kind)
         self._index.add_with_ids(np.ascontiguousarray(vectors), ids)
 
-    def search(self, query: np.ndarray, k: int, only: np.ndarray | None = None,
-               excluded: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """Top-`k` `(id, score)` pairs for one `[dim]` query, best first, among the ids in `only` (when
-        given) and not in `excluded`: FAISS applies the filter while it searches, so k stays k."""
+    def search(self, query: np.ndarray, k: int, where: IdFilter | None = None) -> list[tuple[int, float]]:
+        """Top-`k` `(id, score)` pairs for one `[dim]` query, best first, among the ids `where` allows:
+        FAISS applies the filter while it searches, so k stays k."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         query = np.asarray(query, dtype=np.float32)
         if query.shape != (self.dim,):
             raise ValueError(f"query must have shape [{self.dim}], got {list(query.shape)}")
-        if len(self) == 0 or (only is not None and len(only) == 0):
+        if len(self) == 0 or (where is not None and where.empty):
             return []
-        params = self._filter(only, excluded)
+        params = where.params if where is not None else None
         scores, ids = self._index.search(query[None, :], min(k, len(self)), params=params)
         # HNSW (or a filter) may leave fewer than k neighbours; FAISS pads those slots with id -1.
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
 
-    def _filter(self, only: np.ndarray | None, excluded: np.ndarray | None) -> faiss.SearchParameters | None:
+    def filter(self, only: np.ndarray | None = None, excluded: np.ndarray | None = None) -> IdFilter:
+        """The ids in `only` (when given) and not in `excluded`, as FAISS search parameters; build it once
+        and pass it to every search until the index changes."""
         if only is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(only, dtype=np.int64))
+            selectors = (faiss.IDSelectorBatch(np.ascontiguousarray(only, dtype=np.int64)),)
             allowed = len(only)
         elif excluded is not None and len(excluded):
             inner = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
-            selector = faiss.IDSelectorNot(inner)
-            selector.referenced = inner  # the C++ object keeps a raw pointer: keep the Python one alive
+            selectors = (faiss.IDSelectorNot(inner), inner)
             allowed = len(self) - len(excluded)
         else:
-            return None
+            return IdFilter(None)
         if self.kind == "hnsw":  # the beam must meet about ef allowed nodes, not ef nodes
             widened = HNSW_EF_SEARCH * len(self) // max(allowed, 1)
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(max(widened, HNSW_EF_SEARCH), HNSW_EF_SEARCH_MAX))
-        return faiss.SearchParameters(sel=selector)
+            ef = min(max(widened, HNSW_EF_SEARCH), HNSW_EF_SEARCH_MAX)
+            return IdFilter(faiss.SearchParametersHNSW(sel=selectors[0], efSearch=ef), allowed == 0, selectors)
+        return IdFilter(faiss.SearchParameters(sel=selectors[0]), allowed == 0, selectors)
 
     def save(self, path: Path) -> None:
         """Write atomically: a temp file in the same folder, then os.replace, so a crash never tears it."""

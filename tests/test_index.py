@@ -159,3 +159,19 @@ def test_query_of_wrong_dim_is_rejected():
 def test_non_positive_k_is_rejected():
     with pytest.raises(ValueError, match="k must be positive"):
         filled("flat").search(unit([1, 0, 0, 0])[0], k=0)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_filter_keeps_top_k_among_the_allowed_ids_only(kind):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = VectorIndex(8, kind)
+    index.add(np.arange(200), vectors)
+    allowed = np.arange(0, 200, 10)
+    assert {i for i, _ in index.search(vectors[5], 4, index.filter(only=allowed))} <= set(allowed.tolist())
+    assert len(index.search(vectors[5], 4, index.filter(only=allowed))) == 4
+    skipped = {i for i, _ in index.search(vectors[5], 4, index.filter(excluded=np.arange(100)))}
+    assert len(skipped) == 4 and min(skipped) >= 100
+    assert index.search(vectors[5], 4, index.filter(only=np.array([], dtype=np.int64))) == []
+    assert index.filter().params is None

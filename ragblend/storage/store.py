@@ -16,7 +16,7 @@ import numpy as np
 
 from index.docstore import DocRecord, DocStore, vector_id
 from index.namespaces import DEFAULT_NAMESPACE, label
-from index.vector_index import VectorIndex
+from index.vector_index import IdFilter, VectorIndex
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
 
@@ -139,7 +139,7 @@ class Store:
         self._index: VectorIndex | None = None
         self._index_lock = threading.RLock()  # FAISS is not safe to search while another thread updates it
         self._index_generation = -1
-        self._filters: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}  # per index generation
+        self._filters: dict[str, IdFilter] = {}  # per namespace, for the current index generation
 
     def _open_kv(self, manifest: Manifest) -> None:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
@@ -267,18 +267,17 @@ class Store:
         other namespaces never take a place in the top k."""
         with self._index_lock:
             index = self.index  # first: a reload after another commit clears the filters
-            only, excluded = self._namespace_filter(namespace)
-            return index.search(vector, k, only=only, excluded=excluded)
+            return index.search(vector, k, self._namespace_filter(index, namespace))
 
-    def _namespace_filter(self, namespace: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(ids to search among, ids to skip): a named namespace lists its own; the default one skips
-        every namespaced chunk (so stores from before namespaces need no migration)."""
+    def _namespace_filter(self, index: VectorIndex, namespace: str) -> IdFilter:
+        """A named namespace searches among its own ids; the default one skips every namespaced id (so
+        stores from before namespaces need no migration). Built once per index generation."""
         if namespace not in self._filters:
             with self.env.begin() as txn:
                 if namespace == DEFAULT_NAMESPACE:
-                    self._filters[namespace] = (None, self.docs.namespace_vectors(txn, None))
+                    self._filters[namespace] = index.filter(excluded=self.docs.namespace_vectors(txn, None))
                 else:
-                    self._filters[namespace] = (self.docs.namespace_vectors(txn, namespace), None)
+                    self._filters[namespace] = index.filter(only=self.docs.namespace_vectors(txn, namespace))
         return self._filters[namespace]
 
     def save_index(self, generation: int) -> None:
