@@ -16,7 +16,7 @@ from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.storage.documents import Document, coerce_document
 from ragblend.engine.generate import SamplingConfig
-from ragblend.engine.model import LoadedModel, load_model, quiet_loading
+from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet_loading, with_int8_decode
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.ingest import Ingestor, IngestReport
@@ -46,17 +46,23 @@ class RagBlend:
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
                  session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, decode_weights: str = "float32"):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
         `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
         `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
         `kv_max_bytes`: a budget for chunk KV, kept in the store (least recently used KV is evicted and
         recomputed when next retrieved); None keeps the store's setting (unbounded unless set).
         `kv_dtype`: how a new store encodes chunk KV, "float16" (default) or "int8" (KIVI-style, about
-        half the bytes); an existing store keeps its own and refuses another."""
+        half the bytes); an existing store keeps its own and refuses another.
+        `decode_weights`: "int8" decodes with int8 dynamic-quantized Linear layers (CPU; prefill and
+        stored KV stay float32): see docs/benchmarks.md for its speed and answers against float32."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+        if decode_weights == "int8":
+            self.model = with_int8_decode(self.model)
         with quiet_loading():
             self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
         self.template = PromptTemplate.for_tokenizer(self.model.tokenizer)

@@ -1,14 +1,16 @@
 """Model loading: the bundled SmolLM2 GGUF (converted once to safetensors) or any local HF causal-LM folder."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +38,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     fingerprint: str
+    decode_model: PreTrainedModel | None = None  # what decode steps run (default: `model`), see with_int8_decode
 
     @property
     def config(self):
@@ -163,3 +166,18 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     name = DEFAULT_MODEL if spec is None else path.name
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
+
+
+DECODE_WEIGHTS = ("float32", "int8")
+
+
+def with_int8_decode(loaded: LoadedModel) -> LoadedModel:
+    """The same model, decoding with int8 dynamic-quantized Linear layers (LM head and embeddings kept):
+    a decode step reads ~4x fewer weight bytes. Prefill, stored KV and its fingerprint are unchanged."""
+    if loaded.device.type != "cpu":
+        raise ValueError("int8 decode weights use torch's CPU kernels; run on the CPU or keep float32")
+    twin = copy.deepcopy(loaded.model)
+    with warnings.catch_warnings():  # torch marks its eager quantization API as moving to torchao
+        warnings.simplefilter("ignore")
+        twin.model = torch.ao.quantization.quantize_dynamic(twin.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return replace(loaded, decode_model=twin.eval())
