@@ -43,7 +43,8 @@ def _loopback(host: str) -> bool:
 
 def serve(store: str, model: str | None = None, embedder: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, keys: dict[str, str | None] | None = None, max_queue: int = 64,
-          threads: int | None = None, prefetch: bool = True, session_ram_bytes: int = DEFAULT_RAM_BYTES) -> None:
+          threads: int | None = None, prefetch: bool = True, session_ram_bytes: int = DEFAULT_RAM_BYTES,
+          decode_weights: str = "float32") -> None:
     if not keys and not _loopback(host):
         print(f"ragblend: warning: serving on {host} without an API key: anyone who can reach it can read "
               f"and change the store (set --api-key or {API_KEY_ENV})", file=sys.stderr)
@@ -51,7 +52,8 @@ def serve(store: str, model: str | None = None, embedder: str | None = None, hos
         import torch
 
         torch.set_num_threads(threads)
-    rb = RagBlend(store, model=model, embedder=embedder, session_ram_bytes=session_ram_bytes)
+    rb = RagBlend(store, model=model, embedder=embedder, session_ram_bytes=session_ram_bytes,
+                  decode_weights=decode_weights)
     app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, prefetch=prefetch))
     for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful
         signal.signal(stop, lambda *_: None)      # shutdown: let that return here and exit 0
