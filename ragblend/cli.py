@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: env RAGBLEND_API_KEY)")
     serve.add_argument("--api-keys", metavar="FILE", help="JSON object of API key -> the namespace it is bound to")
     serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; beyond, 429")
-    serve.add_argument("--worker-threads", type=int, help="torch threads for the model (default: torch's)")
+    serve.add_argument("--worker-threads", "--workers-threads", type=int,
+                       help="torch threads for the model (default: torch's)")
     serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")
     serve.add_argument("--session-ram-bytes", type=int, default=512 << 20,
                        help="RAM tier for conversation KV (default 512 MiB; the disk tier holds all of it)")

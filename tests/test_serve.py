@@ -246,3 +246,17 @@ def test_a_client_that_goes_away_frees_its_slot(server):
         while "ragblend_queue_depth 0.0" not in http.get("/metrics").text:
             assert time.monotonic() < deadline, "the abandoned request still holds the model"
             time.sleep(0.2)
+
+
+def test_serving_beyond_loopback_without_a_key_warns(tmp_path):
+    from ragblend.serve.server import api_keys, open_warning
+
+    assert "without an API key" in open_warning("0.0.0.0", {})
+    assert open_warning("127.0.0.1", {}) is None and open_warning("localhost", {}) is None
+    assert open_warning("0.0.0.0", {"k": None}) is None
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"k1": "tenant-a"}')
+    assert api_keys("admin", str(keys)) == {"admin": None, "k1": "tenant-a"}
+    keys.write_text('["not", "an", "object"]')
+    with pytest.raises(ValueError, match="key -> namespace"):
+        api_keys(None, str(keys))

@@ -41,13 +41,21 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def open_warning(host: str, keys: dict[str, str | None] | None) -> str | None:
+    """What to tell an operator who binds beyond loopback without an API key."""
+    if keys or _loopback(host):
+        return None
+    return (f"ragblend: warning: serving on {host} without an API key: anyone who can reach it can read "
+            f"and change the store (set --api-key or {API_KEY_ENV})")
+
+
 def serve(store: str, model: str | None = None, embedder: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, keys: dict[str, str | None] | None = None, max_queue: int = 64,
           threads: int | None = None, prefetch: bool = True, session_ram_bytes: int = DEFAULT_RAM_BYTES,
           decode_weights: str = "float32") -> None:
-    if not keys and not _loopback(host):
-        print(f"ragblend: warning: serving on {host} without an API key: anyone who can reach it can read "
-              f"and change the store (set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    warning = open_warning(host, keys)
+    if warning:
+        print(warning, file=sys.stderr)
     if threads:
         import torch
 
