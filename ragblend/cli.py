@@ -64,7 +64,14 @@ def _query(args: argparse.Namespace) -> None:
     print(f"\n-- {answer.mode}: {answer.prompt_tokens} prompt tokens, {answer.recomputed_tokens} recomputed")
     for ref in answer.chunks:
         print(f"   {ref.score:.3f}  {ref.doc_id}  ({ref.tokens} tokens, chunk {ref.chunk_id[:12]})")
-    print("   " + "  ".join(f"{k}={v * 1000:.0f}ms" for k, v in answer.timings.items()))
+    print("   " + "  ".join(_timing(k, v) for k, v in answer.timings.items()))
+
+
+def _timing(name: str, value) -> str:
+    """Durations (`*_s`) in milliseconds; counts, ratios and labels as they are."""
+    if name.endswith("_s"):
+        return f"{name.removesuffix('_s')}={value * 1000:.0f}ms"
+    return f"{name}={value:g}" if isinstance(value, (int, float)) else f"{name}={value}"
 
 
 def _sessions(args: argparse.Namespace) -> None:

@@ -121,6 +121,8 @@ def test_cli_ingests_and_queries_within_a_namespace(smollm_dir, tmp_path, capsys
           "--namespace", "c"])
     main(["query", "Where is the ledger?", "--store", str(tmp_path / "s"), "--model", str(model_dir),
           "--namespace", "c", "--max-new-tokens", "2"])
-    assert "note.txt" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note.txt" in printed
+    assert "ttft=" in printed and "kv_hits=1 " in printed  # durations in ms, counts as counts
     with pytest.raises(SystemExit):  # the default namespace holds nothing to retrieve
         main(["query", "Where is the ledger?", "--store", str(tmp_path / "s"), "--model", str(model_dir)])
