@@ -47,13 +47,17 @@ class RamTier:
         size = kv_bytes(kv)
         with self._lock:
             self._pop(key)
-            victims = iter([k for k in self._entries if k not in self._protected])
-            while self.bytes + size > self.max_bytes and (victim := next(victims, None)) is not None:
-                self._pop(victim)
-                self.evictions += 1
-            if self.bytes + size <= self.max_bytes:
-                self._entries[key] = kv
-                self.bytes += size
+            protected = sum(kv_bytes(self._entries[k]) for k in self._protected if k in self._entries)
+            if size + protected > self.max_bytes:
+                return  # evicting everything evictable would still not make room: evict nothing
+            if self.bytes + size > self.max_bytes:
+                for victim in [k for k in self._entries if k not in self._protected]:
+                    self._pop(victim)
+                    self.evictions += 1
+                    if self.bytes + size <= self.max_bytes:
+                        break
+            self._entries[key] = kv
+            self.bytes += size
 
     def protect(self, keys: Iterable[str]) -> None:
         """Exempt `keys` from eviction until as many `release` calls (a queued request needs them)."""

@@ -264,6 +264,7 @@ def test_ram_tier_evicts_least_recently_used_within_its_budget():
     assert tier.bytes <= tier.max_bytes and tier.evictions == 1
     tier.put("huge", kv(100))
     assert "huge" not in tier and tier.bytes <= tier.max_bytes
+    assert all(k in tier for k in "acd") and tier.evictions == 1  # an entry that cannot fit evicts nothing
     assert (tier.hits, tier.misses) == (1, 0)
 
 
