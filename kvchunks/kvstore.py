@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import lmdb
@@ -114,12 +115,18 @@ class KVStore:
 
     def _scan_bytes(self, txn: lmdb.Transaction, fingerprint: str) -> int:
         """The total by reading every record's metadata: once per store, before its first counted write."""
+        return sum(KVMeta(**json.loads(raw)).payload_bytes for _, raw in self._metas(txn, fingerprint))
+
+    def _metas(self, txn: lmdb.Transaction, fingerprint: str) -> Iterator[tuple[bytes, bytes]]:
+        """(key, metadata) of every record under `fingerprint`, in key order, stopping at its last."""
         prefix = f"{fingerprint}/".encode()
         with txn.cursor(db=self.meta_db) as cursor:
             if not cursor.set_range(prefix):
-                return 0
-            return sum(KVMeta(**json.loads(bytes(raw))).payload_bytes for key, raw in cursor
-                       if bytes(key).startswith(prefix))
+                return
+            for key, raw in cursor:
+                if not bytes(key).startswith(prefix):
+                    return
+                yield bytes(key), bytes(raw)
 
     def _count(self, txn: lmdb.Transaction, fingerprint: str, delta: int) -> None:
         raw = txn.get(fingerprint.encode(), db=self.totals_db)
@@ -151,11 +158,8 @@ class KVStore:
         return ChunkKV(keys, values)
 
     def chunk_ids(self, txn: lmdb.Transaction) -> list[str]:
-        prefix = f"{self.fingerprint}/".encode()
-        with txn.cursor(db=self.meta_db) as cursor:
-            if not cursor.set_range(prefix):
-                return []
-            return [bytes(key)[len(prefix):].decode() for key in cursor.iternext(values=False) if bytes(key).startswith(prefix)]
+        skip = len(self.fingerprint) + 1
+        return [key[skip:].decode() for key, _ in self._metas(txn, self.fingerprint)]
 
     def foreign(self, txn: lmdb.Transaction) -> list[tuple[bytes, int]]:
         """(metadata key, payload bytes) of every record written under another fingerprint."""
