@@ -139,7 +139,8 @@ class Store:
         self._index: VectorIndex | None = None
         self._index_lock = threading.RLock()  # FAISS is not safe to search while another thread updates it
         self._index_generation = -1
-        self._filters: dict[str, IdFilter] = {}  # per namespace, for the current index generation
+        self._filters: dict[str, IdFilter] = {}  # per namespace, for the index generation below
+        self._filters_generation = -1
 
     def _open_kv(self, manifest: Manifest) -> None:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
@@ -162,8 +163,11 @@ class Store:
     def switch_manifest(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
         """Point the store at another KV fingerprint inside `txn` (reindex-kv); once `txn` commits, every
         other Store on this folder refuses further writes and searches (StoreMismatchError)."""
+        self._put_manifest(txn, manifest)
+        self._advance_generation(txn)
+
+    def _put_manifest(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
         txn.put(b"manifest", json.dumps(asdict(manifest)).encode(), db=self.meta_db)
-        txn.put(b"generation", str(self.generation(txn) + 1).encode(), db=self.meta_db)
 
     def adopt_manifest(self, manifest: Manifest) -> None:
         """This Store's side of a committed `switch_manifest`."""
@@ -174,7 +178,7 @@ class Store:
         """Fix the manifest of a new store, or check that an existing one matches what is asked for."""
         if self.manifest is None:
             with self.env.begin(write=True) as txn:
-                txn.put(b"manifest", json.dumps(asdict(wanted)).encode(), db=self.meta_db)
+                self._put_manifest(txn, wanted)
             self.manifest = wanted
             self._open_kv(wanted)
             return
@@ -211,6 +215,9 @@ class Store:
         """Called inside every transaction that changes which chunks are searchable; aborts it if the
         store was re-indexed for another model meanwhile (what this Store would write is stale)."""
         self._check_not_reindexed(txn)
+        self._advance_generation(txn)
+
+    def _advance_generation(self, txn: lmdb.Transaction) -> None:
         txn.put(b"generation", str(self.generation(txn) + 1).encode(), db=self.meta_db)
 
     @property
@@ -229,7 +236,6 @@ class Store:
         saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
         if saved == generation and self._index_path.is_file():
             self._index, self._index_generation = VectorIndex.load(self._index_path), generation
-            self._filters.clear()
         else:
             self.rebuild_index()
 
@@ -244,7 +250,6 @@ class Store:
             if live:
                 self._index.add(np.array([vector_id(c) for c in live]), np.stack(vectors))
             self._index_generation = generation
-            self._filters.clear()
             self.save_index(generation)
 
     def rebuild_index(self) -> VectorIndex:
@@ -258,7 +263,6 @@ class Store:
             if chunk_ids:
                 index.add(np.array([vector_id(c) for c in chunk_ids]), np.stack(vectors))
             self._index, self._index_generation = index, generation
-            self._filters.clear()
             self.save_index(generation)
             return index
 
@@ -266,12 +270,14 @@ class Store:
         """Top-`k` (vector id, score) among `namespace`'s chunks only: the filter runs inside FAISS, so
         other namespaces never take a place in the top k."""
         with self._index_lock:
-            index = self.index  # first: a reload after another commit clears the filters
+            index = self.index  # first: it reloads after another process's commit
             return index.search(vector, k, self._namespace_filter(index, namespace))
 
     def _namespace_filter(self, index: VectorIndex, namespace: str) -> IdFilter:
         """A named namespace searches among its own ids; the default one skips every namespaced id (so
         stores from before namespaces need no migration). Built once per index generation."""
+        if self._filters_generation != self._index_generation:
+            self._filters, self._filters_generation = {}, self._index_generation
         if namespace not in self._filters:
             with self.env.begin() as txn:
                 if namespace == DEFAULT_NAMESPACE:
