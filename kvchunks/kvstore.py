@@ -108,6 +108,14 @@ class KVStore:
         txn.put(self._meta_key(chunk_id), json.dumps(asdict(meta)).encode(), db=self.meta_db)
         return total
 
+    def as_stored(self, kv: ChunkKV) -> ChunkKV:
+        """`kv` as a load of it would return it (the codec's rounding), without storing it."""
+        keys = kv.keys.to(torch.float32).cpu().numpy()
+        values = kv.values.to(torch.float32).cpu().numpy()
+        shape = keys.shape[1:]
+        pairs = [self.codec.decode(self.codec.encode(k, v), shape) for k, v in zip(keys, values)]
+        return ChunkKV(torch.from_numpy(np.stack([k for k, _ in pairs])), torch.from_numpy(np.stack([v for _, v in pairs])))
+
     def payload_bytes(self, txn: lmdb.Transaction) -> int:
         """Payload bytes of this fingerprint's records: a running total, not a scan."""
         raw = None if self.totals_db is None else txn.get(self.fingerprint.encode(), db=self.totals_db)
@@ -135,6 +143,12 @@ class KVStore:
 
     def delete(self, txn: lmdb.Transaction, chunk_id: str) -> None:
         self._delete_record(txn, self._meta_key(chunk_id))
+
+    def warm(self, txn: lmdb.Transaction, chunk_ids: list[str], layers: range) -> None:
+        """Ask the engine for these layer records ahead of `read_layer` (one round trip on a shared
+        backend; nothing on LMDB)."""
+        keys = [self._layer_key(c, layer) for c in chunk_ids for layer in layers]
+        self.env.warm(txn, self.kv_db, keys)
 
     def read_layer(self, txn: lmdb.Transaction, chunk_id: str, layer: int, meta: KVMeta) -> tuple[np.ndarray, np.ndarray]:
         """One layer's K and V as the record's codec decodes them (fp16: zero-copy views valid while `txn`

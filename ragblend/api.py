@@ -46,7 +46,7 @@ class RagBlend:
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
                  session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
-                 kv_dtype: str | None = None, decode_weights: str = "float32"):
+                 kv_dtype: str | None = None, decode_weights: str = "float32", kv_backend: str | None = None):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
         `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
         `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
@@ -55,7 +55,9 @@ class RagBlend:
         `kv_dtype`: how a new store encodes chunk KV, "float16" (default) or "int8" (KIVI-style, about
         half the bytes); an existing store keeps its own and refuses another.
         `decode_weights`: "int8" decodes with int8 dynamic-quantized Linear layers (CPU; prefill and
-        stored KV stay float32): see docs/benchmarks.md for its speed and answers against float32."""
+        stored KV stay float32): see docs/benchmarks.md for its speed and answers against float32.
+        `kv_backend`: None keeps every record in LMDB in `store_dir`; a redis:// URL keeps documents, chunks,
+        KV and sessions in that Redis/Valkey server, shared by every replica pointed at it (docs/scale-out.md)."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         if decode_weights not in DECODE_WEIGHTS:
@@ -69,7 +71,7 @@ class RagBlend:
         if chunk_tokens is not None:
             validate_chunk_tokens(chunk_tokens, self.model.max_positions)
         kv_dtype = codec_for(kv_dtype).name if kv_dtype else None
-        self.store = Store(store_dir)
+        self.store = Store(store_dir, backend=kv_backend)
         existing = self.store.manifest
         chunk_tokens = chunk_tokens if chunk_tokens is not None else (existing.chunk_tokens if existing else DEFAULT_CHUNK_TOKENS)
         self.store.bind(Manifest(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ragblend.storage.documents import DocumentError
@@ -15,7 +16,8 @@ def _ingest(args: argparse.Namespace) -> None:
 
     docs = read_documents(args.paths)  # read and validate everything before touching the store
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                  index_kind=args.index, kv_max_bytes=args.kv_max_bytes, kv_dtype=args.kv_dtype)
+                  index_kind=args.index, kv_max_bytes=args.kv_max_bytes, kv_dtype=args.kv_dtype,
+                  kv_backend=args.kv_backend)
     compute = None
     if args.ray is not None:
         compute = rb.ray_kv_compute(args.model, workers=args.ray_workers,
@@ -34,7 +36,7 @@ def _stats(args: argparse.Namespace) -> None:
 
     from ragblend.storage.store import Store
 
-    store = Store(args.store, readonly=True)
+    store = Store(args.store, readonly=True, backend=args.kv_backend)
     stats = store.stats()
     if args.json:
         print(json.dumps(asdict(stats)))
@@ -50,7 +52,7 @@ def _stats(args: argparse.Namespace) -> None:
 def _query(args: argparse.Namespace) -> None:
     from ragblend.api import RagBlend
 
-    rb = RagBlend(args.store, model=args.model, embedder=args.embedder)
+    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
     result = rb.query(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio,
                       max_new_tokens=args.max_new_tokens, stream=args.stream, namespace=args.namespace)
     if args.stream:
@@ -80,7 +82,7 @@ def _sessions(args: argparse.Namespace) -> None:
     from index.namespaces import label, scoped, unscoped
     from ragblend.session_store import SessionStore
 
-    sessions = SessionStore(_existing_store(args.store))
+    sessions = SessionStore(_existing_store(args))
     if args.action == "end":
         if not args.id:
             raise ValueError("sessions end needs a session id")
@@ -101,31 +103,31 @@ def _sessions(args: argparse.Namespace) -> None:
                   f"idle {now - info.last_used:,.0f}s of {record.ttl_s:,.0f}s")
 
 
-def _existing_store(path: str):
-    """A store to maintain (writable), refusing a folder that holds none rather than creating one."""
+def _existing_store(args: argparse.Namespace):
+    """A store to maintain (writable), refusing a folder or backend that holds none rather than creating one."""
     from pathlib import Path
 
     from ragblend.storage.store import Store
 
-    if not (Path(path) / "data.mdb").is_file():
-        raise FileNotFoundError(f"no ragblend store at {path}")
-    store = Store(path)
+    if args.kv_backend is None and not (Path(args.store) / "data.mdb").is_file():
+        raise FileNotFoundError(f"no ragblend store at {args.store}")
+    store = Store(args.store, backend=args.kv_backend)
     if store.manifest is None:
-        raise ValueError(f"{path} holds no ragblend store yet")
+        raise ValueError(f"{store.location} holds no ragblend store yet")
     return store
 
 
 def _gc(args: argparse.Namespace) -> None:
     from ragblend.storage.maintenance import collect_garbage
 
-    print(collect_garbage(_existing_store(args.store), dry_run=args.dry_run).summary())
+    print(collect_garbage(_existing_store(args), dry_run=args.dry_run).summary())
 
 
 def _reindex_kv(args: argparse.Namespace) -> None:
     from ragblend.storage.reindex import reindex_kv
 
-    _existing_store(args.store).close()
-    print(reindex_kv(args.store, model=args.model).summary())
+    _existing_store(args).close()
+    print(reindex_kv(args.store, model=args.model, kv_backend=args.kv_backend).summary())
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -135,7 +137,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install 'ragblend[serve]'") from None
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
           keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, threads=args.worker_threads,
-          prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes, decode_weights=args.decode_weights)
+          prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes, decode_weights=args.decode_weights,
+          kv_backend=args.kv_backend)
 
 
 def _ratio(text: str) -> float | str:
@@ -175,7 +178,8 @@ def _eval(args: argparse.Namespace) -> None:
     records = records[: args.limit] if args.limit else records
     config = EvalConfig(modes=tuple(args.modes.split(",")), ratios=_ratios(args.ratios), passages=args.passages,
                         max_new_tokens=args.max_new_tokens)
-    rb = RagBlend(args.store or out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS)
+    rb = RagBlend(args.store or out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS,
+                  kv_backend=args.kv_backend)
     rows = run_eval(rb, records, config, out)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     summaries = summarize(rows)
@@ -195,6 +199,14 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"results in {out}/")
 
 
+def _store_option(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--store", required=required, help=help or "store folder")
+    parser.add_argument("--kv-backend", metavar="URL", default=os.environ.get("RAGBLEND_KV_BACKEND"),
+                        help="keep the store's records in this Redis/Valkey server (redis://host:6379/0), shared "
+                             "by every replica pointed at it, instead of LMDB in --store (default: env "
+                             "RAGBLEND_KV_BACKEND, else LMDB)")
+
+
 def _namespace_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default="", help="tenant namespace: its documents, KV and sessions are "
                                                         "invisible to every other (default: the default namespace)")
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Ingest .txt, .md, .pdf and .jsonl files (folders are searched recursively). "
                                              "Resumable: rerun the same command after an interruption.")
     ingest.add_argument("paths", nargs="+", help="files or folders")
-    ingest.add_argument("--store", required=True, help="store folder (created if missing)")
+    _store_option(ingest, help="store folder (created if missing)")
     ingest.add_argument("--model", help="local Hugging Face causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
     ingest.add_argument("--embedder", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     ingest.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default 256, or the store's)")
@@ -229,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = commands.add_parser("query", help="answer a question from the store",
                                 description="Retrieve, fuse the chunks' stored KV and generate an answer.")
     query.add_argument("question")
-    query.add_argument("--store", required=True)
+    _store_option(query)
     query.add_argument("--model", help="must be the model the store was built with (default: bundled SmolLM2)")
     query.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
     query.add_argument("--mode", choices=["blend", "reuse", "prefix", "full"], default="blend")
@@ -255,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--speed-sizes", default="", help="e.g. 2,4,6,10: also time every mode at these passage counts")
     evaluate.add_argument("--speed-repeats", type=int, default=3)
     evaluate.add_argument("--out", default="eval-out", help="output folder (results.json, summary, plots)")
-    evaluate.add_argument("--store", help="KV store for the passages (default: OUT/store)")
+    _store_option(evaluate, required=False, help="KV store for the passages (default: OUT/store)")
     evaluate.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
     evaluate.set_defaults(run=_eval)
 
     stats = commands.add_parser("stats", help="what a store holds", description="Print what a store holds.")
-    stats.add_argument("--store", required=True)
+    _store_option(stats)
     stats.add_argument("--check", action="store_true", help="also verify every record (checksums, links)")
     stats.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     stats.set_defaults(run=_stats)
@@ -270,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or gc (drops every session idle past its TTL).")
     sessions.add_argument("action", choices=["list", "end", "gc"])
     sessions.add_argument("id", nargs="?", help="session id (for end)")
-    sessions.add_argument("--store", required=True)
+    _store_option(sessions)
     sessions.add_argument("--namespace", help="the tenant namespace of the session (end), or to list only (list; "
                                               "default: every namespace)")
     sessions.set_defaults(run=_sessions)
@@ -278,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="remove unreachable records and report the bytes freed",
                              description="Remove unreferenced chunks, orphan KV records, KV of other model "
                                          "fingerprints and expired sessions.")
-    gc.add_argument("--store", required=True)
+    _store_option(gc)
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     gc.set_defaults(run=_gc)
 
@@ -286,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Recompute every chunk's KV for MODEL (text, embeddings and chunk "
                                               "ids stay); the old KV keeps serving until the new set is complete, "
                                               "then the store switches in one transaction. Resumable.")
-    reindex.add_argument("--store", required=True)
+    _store_option(reindex)
     reindex.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
     reindex.set_defaults(run=_reindex_kv)
 
@@ -294,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Load the model, embedder and index once and answer /v1/chat/completions, "
                                             "/v1/completions, /v1/search, /v1/documents, /healthz, /readyz and /metrics "
                                             "until SIGTERM or SIGINT (running requests and session saves finish first).")
-    serve.add_argument("--store", required=True)
+    _store_option(serve)
     serve.add_argument("--model", help="must be the store's model (default: bundled SmolLM2)")
     serve.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -317,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DocumentError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (DocumentError, FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
         print(f"ragblend: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

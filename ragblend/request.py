@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
+from kvchunks.backends import BackendUnavailableError
 from kvchunks.kvstore import CorruptKVError, StoredKV
+from kvchunks.precompute import ChunkKV
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
 from ragblend.engine.fusion import FusionEngine, Prefill
@@ -61,17 +63,17 @@ class RequestPath:
             raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
         stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
-        misses = self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes them all
+        loaded = chunks[: stored_spans - 1]  # only what this mode loads; `full` computes them all
         prepared = time.perf_counter()
         try:
-            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
-        except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
-            if error.key not in {c.chunk_id for c in chunks}:
-                raise  # a session turn's record: the session layer owns it
-            with self.store.env.begin(write=True) as txn:
-                self.store.kv.delete(txn, error.key)
-            misses += self.ensure_kv(chunks[: stored_spans - 1])
-            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
+            misses = self.ensure_kv(loaded)
+            prepared = time.perf_counter()
+            prefill, repaired = self._run_stored(layout, history, mode, stored_spans, blend, load_depth, loaded)
+            misses += repaired
+        except BackendUnavailableError:  # the shared backend went away: compute what it could not give
+            misses = len(loaded)
+            computed = dict(zip([c.chunk_id for c in loaded], self._compute_as_stored(loaded)))
+            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth, computed)
         prefill.timings["fuse_s"] = time.perf_counter() - prepared
         timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start,
                    "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}
@@ -98,6 +100,25 @@ class RequestPath:
         answer_stream = AnswerStream(pieces, finish)
         return answer_stream if stream else answer_stream.collect()
 
+    def _run_stored(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
+                    blend: BlendConfig, depth: int, loaded: list[ContextChunk]) -> tuple[Prefill, int]:
+        """The prefill over stored KV, and how many damaged chunk records it had to recompute."""
+        try:
+            return self._run_engine(layout, history, mode, stored_spans, blend, depth), 0
+        except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
+            if error.key not in {c.chunk_id for c in loaded}:
+                raise  # a session turn's record: the session layer owns it
+            with self.store.env.begin(write=True) as txn:
+                self.store.kv.delete(txn, error.key)
+            repaired = self.ensure_kv(loaded)
+            return self._run_engine(layout, history, mode, stored_spans, blend, depth), repaired
+
+    def _compute_as_stored(self, chunks: list[ContextChunk]) -> list[ChunkKV]:
+        """Chunks' KV computed here, rounded as the store's codec would round it: the answer is the one a
+        load would have given."""
+        kvs = self.ingestor.spans.compute([list(c.token_ids) for c in chunks]) if chunks else []
+        return [self.store.kv.as_stored(kv) for kv in kvs]
+
     def ensure_kv(self, chunks: list[ContextChunk]) -> int:
         """Compute and store the KV of chunks the store lacks (never stored, or evicted), so the next
         request reuses it; the number computed. Then keep the store within its budget, sparing these."""
@@ -117,12 +138,15 @@ class RequestPath:
         return len(missing)
 
     def _run_engine(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
-                    blend: BlendConfig, depth: int) -> Prefill:
+                    blend: BlendConfig, depth: int, computed: dict[str, ChunkKV] | None = None) -> Prefill:
         """`full` without earlier turns is the model's own forward (the reference); every other case
-        loads the history and the first `stored_spans` - 1 chunks and computes the rest."""
+        loads the history and the first `stored_spans` - 1 chunks (`computed` ones from memory) and
+        computes the rest."""
         if mode == "full" and history.is_prefix_only:
             return self.engine.full_prefill(layout)
-        sources = history.sources + [(s.start, StoredKV(self.store.kv, s.key)) for s in layout.spans[1:stored_spans]]
+        computed = computed or {}
+        sources = history.sources + [(s.start, computed.get(s.key) or StoredKV(self.store.kv, s.key))
+                                     for s in layout.spans[1:stored_spans]]
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.env, sources, len(layout), cos, sin, self.model.num_layers,
                              self.model.dtype, self.model.device, depth)

@@ -293,7 +293,7 @@ def test_a_process_querying_while_another_ingests_sees_only_whole_documents(tmp_
 
 def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_factory, embedder, tmp_path,
                                                                      monkeypatch):
-    from ragblend.storage.store import StoreFullError
+    from kvchunks.backends import StoreFullError
 
     monkeypatch.setenv("RAGBLEND_MAX_STORE_BYTES", str(4 << 20))
     rb = RagBlend(tmp_path / "small", model=tiny_model_factory("llama"), embedder=embedder)

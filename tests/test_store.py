@@ -55,7 +55,7 @@ def close(rb: RagBlend) -> None:
 
 def store_contents(path: Path) -> dict:
     """Every key/value of every LMDB database, plus the derived index files."""
-    env = Store(path, readonly=True).env  # the process's one environment for this folder
+    env = Store(path, readonly=True).env.env  # the process's one LMDB environment for this folder
     contents = {}
     with env.begin() as txn:
         names = [bytes(key) for key, _ in txn.cursor()]

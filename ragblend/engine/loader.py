@@ -1,4 +1,4 @@
-"""Background layer loader: while layer l is computed, layer l+1's KV is read from LMDB and made ready.
+"""Background layer loader: while layer l is computed, layer l+1's KV is read from the store and made ready.
 
 "Ready" means converted to the compute dtype, placed at its prompt position and rotated with the
 model's RoPE for that position, in one [1, kv_heads, N, head_dim] tensor per K and V (suffix rows
@@ -19,6 +19,8 @@ from kvchunks.kvstore import StoredKV
 from kvchunks.precompute import ChunkKV
 from kvchunks.rope import rotate_in_place
 from ragblend.engine.decode_cache import with_spare_rows
+
+WARM_LAYERS = 4  # layers of every stored source asked for at once (round trips to a shared backend)
 
 # Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -59,11 +61,20 @@ class LayerLoader:
                     raise KeyError(f"no KV stored for {missing}")
                 for layer in range(self.num_layers):
                     start = time.perf_counter()
+                    if layer % WARM_LAYERS == 0:
+                        self._warm(txn, range(layer, min(layer + WARM_LAYERS, self.num_layers)))
                     item = self._load_layer(txn, layer)
                     self.stats.busy_s += time.perf_counter() - start
                     self._queue.put(item)
         except BaseException as exc:  # surfaced to the engine thread by get()
             self._queue.put(exc)
+
+    def _warm(self, txn: lmdb.Transaction, layers: range) -> None:
+        by_store: dict[int, tuple] = {}
+        for source in self._metas:
+            by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
+        for store, keys in by_store.values():
+            store.warm(txn, keys, layers)
 
     def _layer_of(self, txn: lmdb.Transaction, source: KVSource, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(source, ChunkKV):

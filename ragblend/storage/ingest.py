@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 from index.docstore import ChunkRecord, DocRecord
 from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
+from kvchunks.backends import StoreFullError
+from kvchunks.backends.lmdb_env import MAX_STORE_BYTES_ENV
 from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.precompute import ChunkKV, SpanComputer
 from ragblend.storage.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.storage.store import MAX_STORE_BYTES_ENV, Store, StoreFullError
+from ragblend.storage.store import Store
 
 COMMIT_EVERY_CHUNKS = 64
 
@@ -206,7 +208,7 @@ class Ingestor:
         try:
             return self._ingest(docs, progress)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:
-            raise StoreFullError(f"store {self.store.path} is full ({exc.__class__.__name__}): free disk space, "
+            raise StoreFullError(f"store {self.store.location} is full ({exc.__class__.__name__}): free disk space, "
                                  f"raise {MAX_STORE_BYTES_ENV}, or set a KV budget (kv_max_bytes); documents "
                                  "committed before this point are intact") from None
 

@@ -46,11 +46,12 @@ class ReindexReport:
 
 
 def reindex_kv(store_dir: str | Path, model: str | Path | LoadedModel | None = None, device: str | None = None,
-               progress: bool = True) -> ReindexReport:
-    """Move the store at `store_dir` to `model` (a folder, a LoadedModel, or the bundled default)."""
+               progress: bool = True, kv_backend: str | None = None) -> ReindexReport:
+    """Move the store at `store_dir` (or `kv_backend`) to `model` (a folder, a LoadedModel, or the bundled
+    default)."""
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    store = Store(store_dir)
+    store = Store(store_dir, backend=kv_backend)
     try:
         if store.manifest is None:
             raise ValueError(f"{store_dir} holds no ragblend store yet")

@@ -17,47 +17,11 @@ import numpy as np
 from index.docstore import DocRecord, DocStore, vector_id
 from index.namespaces import DEFAULT_NAMESPACE, label
 from index.vector_index import IdFilter, VectorIndex
+from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
 
 FORMAT_VERSION = 1
-MAX_STORE_BYTES_ENV = "RAGBLEND_MAX_STORE_BYTES"  # caps a store's file; default 1 TiB of address space
-
-
-def _map_size() -> int:
-    """LMDB's map size: address space only, the file grows with the data (sparse on Linux)."""
-    return int(os.environ.get(MAX_STORE_BYTES_ENV, 1 << 40))
-
-
-class StoreFullError(RuntimeError):
-    """The store reached its size cap (or the disk is full); what was committed before stays intact."""
-
-
-_OPEN_ENVS: dict[Path, lmdb.Environment] = {}
-_USERS: dict[Path, int] = {}  # Store objects holding each environment; the last to close it closes it
-
-
-def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    """One LMDB environment per store folder and process (LMDB refuses a second open of the same file)."""
-    key = path.resolve()
-    cached = _OPEN_ENVS.get(key)
-    _USERS[key] = _USERS.get(key, 0) + 1
-    if cached is not None and (readonly or not cached.flags()["readonly"]):
-        return cached
-    if cached is not None:
-        cached.close()  # a read-only handle is upgraded to a writable one
-    _OPEN_ENVS[key] = lmdb.open(str(key), map_size=_map_size(), max_dbs=16, readonly=readonly)
-    return _OPEN_ENVS[key]
-
-
-def _release_env(path: Path) -> None:
-    key = path.resolve()
-    _USERS[key] = _USERS.get(key, 1) - 1
-    if _USERS[key] <= 0:
-        _USERS.pop(key, None)
-        env = _OPEN_ENVS.pop(key, None)
-        if env is not None:
-            env.close()
 
 
 class StoreMismatchError(ValueError):
@@ -120,14 +84,15 @@ class StoreStats:
 
 
 class Store:
-    def __init__(self, path: str | Path, readonly: bool = False):
+    def __init__(self, path: str | Path, readonly: bool = False, backend: str | None = None):
+        """`backend`: None keeps every record in LMDB in `path`; a redis:// URL keeps them in that server,
+        shared with every replica pointed at it (`path` then holds nothing this class needs)."""
         self.path = Path(path).expanduser()
-        self.readonly = readonly
-        if readonly and not (self.path / "data.mdb").is_file():
-            raise FileNotFoundError(f"no ragblend store at {self.path}")
+        self.readonly, self.backend = readonly, backend
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
-        self.env = _open_env(self.path, readonly)
+        self.env = open_env(self.path, readonly, backend)
+        self.location = backend or str(self.path)
         self._closed = False
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
         self.docs = DocStore(self.env)
@@ -157,7 +122,7 @@ class Store:
         """Refuse to go on with a manifest that `ragblend reindex-kv` has replaced since this Store opened."""
         current = self._read_manifest(txn)
         if self.manifest is not None and current is not None and current.kv_fingerprint != self.manifest.kv_fingerprint:
-            raise StoreMismatchError(f"store {self.path} was re-indexed for model {current.model!r} while open; "
+            raise StoreMismatchError(f"store {self.location} was re-indexed for model {current.model!r} while open; "
                                      "reopen it with that model")
 
     def switch_manifest(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
@@ -184,7 +149,7 @@ class Store:
             return
         have = self.manifest
         if have.format_version != FORMAT_VERSION:
-            raise StoreMismatchError(f"store {self.path} has format {have.format_version}; this ragblend reads {FORMAT_VERSION}")
+            raise StoreMismatchError(f"store {self.location} has format {have.format_version}; this ragblend reads {FORMAT_VERSION}")
         for field_name, what in (("kv_fingerprint", "model"), ("embedder_fingerprint", "embedder"),
                                   ("chunk_tokens", "chunk size"), ("index_kind", "index kind"),
                                   ("kv_dtype", "KV dtype")):
@@ -192,7 +157,7 @@ class Store:
                 shown = {"kv_fingerprint": "model", "embedder_fingerprint": "embedder"}.get(field_name, field_name)
                 move = " or move it with `ragblend reindex-kv`" if field_name == "kv_fingerprint" else ""
                 raise StoreMismatchError(
-                    f"store {self.path} was built with {what} {getattr(have, shown)!r} "
+                    f"store {self.location} was built with {what} {getattr(have, shown)!r} "
                     f"but {getattr(wanted, shown)!r} was asked for; open it with the same {what}{move}, "
                     "or use another store folder"
                 )
@@ -224,6 +189,8 @@ class Store:
     def index(self) -> VectorIndex:
         """The index as of the last commit, reloaded when another process (or Store) has committed since."""
         with self._index_lock:
+            if self._index is not None and not self.env.index_may_be_stale():
+                return self._index  # a shared backend announces commits; LMDB is checked every time
             with self.env.begin() as txn:
                 generation = self.generation(txn)
                 if generation != self._index_generation:
@@ -233,7 +200,11 @@ class Store:
             return self._index
 
     def _load_or_rebuild_index(self, generation: int) -> None:
-        saved = int(self._generation_path.read_text()) if self._generation_path.is_file() else -1
+        """A replica of a shared backend keeps its index in memory only: a saved file could be another
+        backend's."""
+        saved = -1
+        if not self.env.shared and self._generation_path.is_file():
+            saved = int(self._generation_path.read_text())
         if saved == generation and self._index_path.is_file():
             self._index, self._index_generation = VectorIndex.load(self._index_path), generation
         else:
@@ -287,7 +258,7 @@ class Store:
         return self._filters[namespace]
 
     def save_index(self, generation: int) -> None:
-        if self.readonly:
+        if self.readonly or self.env.shared:
             return
         self._index.save(self._index_path)
         tmp = self._generation_path.with_suffix(".tmp")
@@ -312,7 +283,7 @@ class Store:
                     tokens += meta.tokens
             budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
             sessions, session_bytes = self._count(txn, b"sessions"), self._session_bytes(txn)
-        disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        disk = self.env.size_bytes()
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
                           pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
@@ -400,4 +371,4 @@ class Store:
         """Release this store's hold on the environment; it closes once no Store in the process uses it."""
         if not self._closed:
             self._closed = True
-            _release_env(self.path)
+            release_env(self.path, self.backend)
