@@ -37,8 +37,8 @@ class LmdbEnv:
     def warm(self, txn: lmdb.Transaction, db, keys: list[bytes]) -> None:
         """Reads here are page-cache hits; nothing to fetch ahead."""
 
-    def index_may_be_stale(self) -> bool:
-        return True
+    def stale_since(self, mark: None) -> tuple[bool, None]:
+        return True, None
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())

@@ -95,8 +95,7 @@ class RedisEnv:
         self._check_eviction_policy()
         self._commit = self.client.register_script(_COMMIT)
         self._unlock = self.client.register_script(_UNLOCK)
-        self._announced = threading.Event()
-        self._checked_at = 0.0
+        self._announcements = 0  # commits announced so far (and subscription losses)
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -133,18 +132,17 @@ class RedisEnv:
 
     # ---- generation announcements ------------------------------------------------------------------
 
-    def index_may_be_stale(self) -> bool:
-        """True when a commit was announced since the last call, or GENERATION_CHECK_S passed (an
-        announcement can be missed while the subscription reconnects)."""
+    def stale_since(self, mark: tuple[int, float] | None) -> tuple[bool, tuple[int, float]]:
+        """Whether a reader that last read the generation at `mark` should read it again (a commit was
+        announced since, or GENERATION_CHECK_S passed: an announcement is lost while the subscription
+        reconnects), and the mark to keep."""
         if self._listener is None:
             self._listener = threading.Thread(target=self._listen, name="ragblend-redis-changes", daemon=True)
             self._listener.start()
         now = time.monotonic()
-        if self._announced.is_set() or now - self._checked_at >= GENERATION_CHECK_S:
-            self._announced.clear()
-            self._checked_at = now
-            return True
-        return False
+        if mark is None or mark[0] != self._announcements or now - mark[1] >= GENERATION_CHECK_S:
+            return True, (self._announcements, now)
+        return False, mark
 
     def _listen(self) -> None:
         while not self._closed.is_set():
@@ -153,9 +151,9 @@ class RedisEnv:
                 pubsub.subscribe(CHANGES_CHANNEL)
                 while not self._closed.is_set():
                     if pubsub.get_message(timeout=0.5) is not None:
-                        self._announced.set()
-            except Exception:  # noqa: BLE001 - the server restarts: re-subscribe, and re-check meanwhile
-                self._announced.set()
+                        self._announcements += 1
+            except Exception:  # noqa: BLE001 - the server restarts: re-subscribe; readers re-check meanwhile
+                self._announcements += 1
                 self._closed.wait(0.5)
 
     def announce(self) -> None:

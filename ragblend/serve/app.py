@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from index.namespaces import validate_namespace
+from kvchunks.backends import BackendUnavailableError
 from ragblend.answer import Answer
 from ragblend.api import RagBlend
 from ragblend.serve.answering import AnswerWork
@@ -82,6 +83,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return ApiError(409, str(exc), "conflict_error")
     if isinstance(exc, StoreMismatchError):
         return ApiError(503, str(exc), "server_error")
+    if isinstance(exc, BackendUnavailableError):
+        return ApiError(503, str(exc), "server_error", {"Retry-After": "1"})
     if isinstance(exc, (ValueError, DocumentError)):
         return ApiError(400, str(exc))
     if isinstance(exc, Cancelled):

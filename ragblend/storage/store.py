@@ -104,6 +104,7 @@ class Store:
         self._index: VectorIndex | None = None
         self._index_lock = threading.RLock()  # FAISS is not safe to search while another thread updates it
         self._index_generation = -1
+        self._index_mark = None  # when the generation was last read (see the engine's stale_since)
         self._filters: dict[str, IdFilter] = {}  # per namespace, for the index generation below
         self._filters_generation = -1
 
@@ -189,7 +190,8 @@ class Store:
     def index(self) -> VectorIndex:
         """The index as of the last commit, reloaded when another process (or Store) has committed since."""
         with self._index_lock:
-            if self._index is not None and not self.env.index_may_be_stale():
+            stale, self._index_mark = self.env.stale_since(self._index_mark)
+            if self._index is not None and not stale:
                 return self._index  # a shared backend announces commits; LMDB is checked every time
             with self.env.begin() as txn:
                 generation = self.generation(txn)

@@ -1,0 +1,165 @@
+"""Specification of the shared backend: replicas pointed at one real `redis-server` share one corpus and
+its KV, follow each other's commits, survive the server restarting, and refuse what would lose data
+(tiny model, real MiniLM, a real redis-server per test; never a fake)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("redis", reason="the redis extra is not installed")
+
+from conftest import make_tiny_model_dir  # noqa: E402
+from kvchunks.backends import BackendUnavailableError  # noqa: E402
+from kvchunks.backends.redis_process import RedisProcess, redis_server_binary  # noqa: E402
+from ragblend.api import RagBlend  # noqa: E402
+from ragblend.cli import main  # noqa: E402
+from ragblend.storage.store import StoreMismatchError  # noqa: E402
+from test_store import DOCS  # noqa: E402
+
+if redis_server_binary() is None:
+    pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)",
+                allow_module_level=True)
+
+QUESTION = "Which river carries more water than any other?"
+PASSAGES = [DOCS[0]["text"], DOCS[1]["text"]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smollm_dir):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models"), "llama", smollm_dir)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisProcess(tmp_path / "redis") as process:
+        yield process
+
+
+def replica(folder, model_dir, embedder, server, **kwargs) -> RagBlend:
+    return RagBlend(folder, model=model_dir, embedder=embedder, kv_backend=server.url, chunk_tokens=32, **kwargs)
+
+
+def ingest_in_another_process(model_dir, folder, url: str, docs: list[dict]) -> None:
+    script = f"""
+        from ragblend.api import RagBlend
+        with RagBlend({str(folder)!r}, model={str(model_dir)!r}, kv_backend={url!r}, chunk_tokens=32) as rb:
+            rb.add_documents({docs!r})
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, timeout=300)
+
+
+def records(rb: RagBlend) -> dict:
+    """Every chunk, KV and KV-metadata record as raw bytes, whichever engine holds them."""
+    found = {}
+    with rb.store.env.begin() as txn:
+        for name in (b"kv", b"kvmeta", b"chunks"):
+            with txn.cursor(db=rb.store.env.open_db(name, txn=txn)) as cursor:
+                found.update({(name, bytes(k)): bytes(v) for k, v in cursor})
+    return found
+
+
+def test_a_replica_with_an_empty_folder_answers_from_another_processs_ingest_with_no_recompute(
+        model_dir, embedder, server, tmp_path):
+    ingest_in_another_process(model_dir, tmp_path / "writer", server.url, DOCS)
+    with replica(tmp_path / "reader", model_dir, embedder, server) as rb:
+        answer = rb.query(QUESTION, top_k=3, max_new_tokens=6)
+        assert answer.timings["kv_hits"] == 3 and answer.timings["kv_misses"] == 0
+        assert answer.chunks[0].doc_id == "river"
+        with RagBlend(tmp_path / "lmdb", model=model_dir, embedder=embedder, chunk_tokens=32) as local:
+            local.add_documents(DOCS)
+            assert records(rb) == records(local)  # one record format on both engines
+            assert rb.query(QUESTION, top_k=3, max_new_tokens=6).text == local.query(QUESTION, top_k=3,
+                                                                                      max_new_tokens=6).text
+        assert rb.store.check() == []
+    assert not any((tmp_path / "reader").iterdir())  # nothing of the corpus is kept locally
+
+
+def test_a_replica_searches_what_another_process_ingests_after_it_opened(model_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as rb:
+        rb.add_documents(DOCS[:2])
+        assert {h.doc_id for h in rb.search("castling rules of chess", 3)} == {"river", "volcano"}
+        ingest_in_another_process(model_dir, tmp_path / "b", server.url, DOCS[2:])
+        deadline = time.monotonic() + 5
+        while "chess" not in {h.doc_id for h in rb.search("castling rules of chess", 3)}:
+            assert time.monotonic() < deadline, "the other process's ingest never became searchable"
+            time.sleep(0.1)
+
+
+def test_a_query_completes_while_the_backend_is_down_and_hits_again_once_it_is_back(
+        model_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as rb:
+        expected = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=6)  # stores the passages' KV
+        server.stop()
+        down = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=6)
+        assert down.text == expected.text and down.token_ids == expected.token_ids
+        assert down.timings["kv_misses"] == len(expected.chunks)  # recomputed what it could not load
+        server.start()
+        back = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=6)
+        assert back.timings["kv_hits"] == len(expected.chunks) and back.text == expected.text
+
+
+def test_restarting_the_backend_while_queries_run_loses_no_answer_and_no_record(
+        model_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as rb:
+        rb.add_documents(DOCS)
+        before = records(rb)
+        expected = rb.query(QUESTION, max_new_tokens=6).text
+        answers, errors = [], []
+
+        def ask():
+            for _ in range(12):
+                try:
+                    answers.append(rb.query(QUESTION, max_new_tokens=6).text)
+                except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                    errors.append(exc)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(0.2)
+        server.restart()
+        asker.join()
+        assert errors == [] and answers == [expected] * 12
+        assert records(rb) == before and rb.store.check() == []
+
+
+def test_a_backend_that_is_down_at_start_is_a_clear_error_naming_its_url(model_dir, embedder, server, tmp_path, capsys):
+    server.stop()
+    with pytest.raises(BackendUnavailableError, match=server.url.replace("/0", "")):
+        replica(tmp_path / "a", model_dir, embedder, server)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stats", "--store", str(tmp_path / "a"), "--kv-backend", server.url])
+    assert exit_info.value.code == 2 and server.url in capsys.readouterr().err
+
+
+def test_a_replica_with_another_model_is_refused(model_dir, smollm_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as rb:
+        rb.add_documents(DOCS[:1])
+    other = make_tiny_model_dir(tmp_path, "llama", smollm_dir, seed=3)
+    with pytest.raises(StoreMismatchError, match="model"):
+        replica(tmp_path / "b", other, embedder, server)
+
+
+def test_a_server_that_may_evict_documents_is_refused(model_dir, embedder, tmp_path):
+    with RedisProcess(tmp_path / "lru", maxmemory_policy="allkeys-lru") as lru:
+        with pytest.raises(ValueError, match="noeviction"):
+            replica(tmp_path / "a", model_dir, embedder, lru)
+
+
+def test_sessions_continue_on_another_replica(model_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as first:
+        first.add_documents(DOCS)
+        chat = first.chat()
+        chat.send("Tell me about Etna.", max_new_tokens=6)
+        chat.wait()
+        session_id = chat.session_id
+    with replica(tmp_path / "b", model_dir, embedder, server) as second:
+        resumed = second.chat(session_id)
+        answer = resumed.send("And the river?", max_new_tokens=6)
+        assert answer.timings["history_tokens"] > 0 and answer.timings["history_source"] != "recomputed"
+        resumed.wait()
+        assert [s.turns for s in second.sessions()] == [2]
