@@ -163,3 +163,27 @@ def test_sessions_continue_on_another_replica(model_dir, embedder, server, tmp_p
         assert answer.timings["history_tokens"] > 0 and answer.timings["history_source"] != "recomputed"
         resumed.wait()
         assert [s.turns for s in second.sessions()] == [2]
+
+
+def test_two_serve_replicas_answer_one_session_alternately(smollm_dir, embedder, server, tmp_path):
+    """Real SmolLM2 behind two `ragblend serve` processes with empty folders, as behind a load balancer."""
+    from ragblend.serve.launch import ServerProcess
+
+    with RagBlend(tmp_path / "ingest", model=smollm_dir, embedder=embedder, kv_backend=server.url) as rb:
+        rb.add_documents(DOCS)
+    replicas = [ServerProcess(tmp_path / name, "--model", str(smollm_dir), "--kv-backend", server.url)
+                for name in ("a", "b")]
+    try:
+        messages, session_id, history = [], None, -1
+        for turn, question in enumerate(["Which river is the largest?", "Where is Etna?", "How does castling work?"]):
+            messages.append({"role": "user", "content": question})
+            with replicas[turn % 2].client() as http:
+                reply = http.post("/v1/chat/completions", json={
+                    "messages": messages, "max_tokens": 6, "session_id": session_id}).json()
+            session_id = reply["session_id"]
+            timings = reply["ragblend"]["timings"]
+            assert timings["history_tokens"] > history  # every earlier turn, whichever replica answered it
+            history = timings["history_tokens"]
+            messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+    finally:
+        assert [r.stop() for r in replicas] == [0, 0]
