@@ -1,17 +1,23 @@
 """Scale-out measurements for docs/scale-out.md.
 
-    python benchmarks/scale_out.py [--passages 30] [--workers 1,2,4] [--write-docs]
+    python benchmarks/scale_out.py [--sections ingest,backend] [--passages 30] [--workers 1,2,4]
+                                   [--questions 6] [--repeats 3] [--write-docs]
 
 ingest: chunk KV precompute throughput (tokens/s) of a local ingest against Ray ingest with 1, 2 and 4
         actors (one torch thread each) on this machine, over the same MuSiQue passages, into fresh stores;
         the Ray stores are checked to hold the local store's KV bytes.
+backend: the same chunks in LMDB and in a real redis-server on loopback (a RedisProcess started here):
+         time to read one chunk's 30 layers, and blend / full TTFT over each question's 10 MuSiQue
+         passages with either backend, alternated per repeat, medians.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docsection import machine, musique_records, replace_section  # noqa: E402
 
+from index.embedder import Embedder  # noqa: E402
+from kvchunks.backends.redis_process import RedisProcess  # noqa: E402
 from ragblend.api import RagBlend  # noqa: E402
+from ragblend.engine.model import load_model  # noqa: E402
 from ragblend.storage.documents import coerce_document  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scale-out.md"
@@ -52,22 +61,88 @@ def section_ingest(passages: list[dict], workers: list[int]) -> str:
     return "\n".join(lines)
 
 
+def chunk_read_ms(rb: RagBlend, chunk_ids: list[str]) -> float:
+    """Median time to read and decode every layer of one chunk, as the layer loader does."""
+    kv, times = rb.store.kv, []
+    for chunk_id in chunk_ids:
+        began = time.perf_counter()
+        with rb.store.env.begin(buffers=True) as txn:
+            meta = kv.meta(txn, chunk_id)
+            kv.warm(txn, [chunk_id], range(meta.layers))
+            for layer in range(meta.layers):
+                kv.read_layer(txn, chunk_id, layer, meta)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e3
+
+
+def section_backend(records: list[dict], questions: int, repeats: int) -> str:
+    model, embedder = load_model(None), Embedder()
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp) / "redis") as server:
+        stores = {"LMDB": RagBlend(Path(tmp) / "lmdb", model=model, embedder=embedder),
+                  "Redis (loopback)": RagBlend(Path(tmp) / "redis-replica", model=model, embedder=embedder,
+                                               kv_backend=server.url)}
+        asked = [(r["question"], [f"{c['title']}\n{c['text']}" for c in r["ctxs"][:10]]) for r in records[:questions]]
+        ttft = {(name, mode): [] for name in stores for mode in ("blend", "full")}
+        exposed = {name: [] for name in stores}
+        for question, passages in asked:
+            for rb in stores.values():
+                rb.query(question, contexts=passages, max_new_tokens=1)  # stores the passages' KV
+            for _ in range(repeats):
+                for name, rb in stores.items():
+                    for mode in ("blend", "full"):
+                        answer = rb.query(question, contexts=passages, mode=mode, max_new_tokens=1)
+                        ttft[name, mode].append(answer.ttft_s)
+                        if mode == "blend":
+                            exposed[name].append(answer.timings["load_exposed_s"])
+        chunk_ids = [c.chunk_id for c in stores["LMDB"].query(asked[0][0], contexts=asked[0][1], max_new_tokens=1).chunks]
+        read = {name: chunk_read_ms(rb, chunk_ids * 3) for name, rb in stores.items()}
+        for rb in stores.values():
+            rb.close()
+    blend = {name: statistics.median(ttft[name, "blend"]) for name in stores}
+    full = {name: statistics.median(ttft[name, "full"]) for name in stores}
+    lines = [f"{questions} MuSiQue questions x 10 passages as contexts (~5.5k prompt tokens, {len(chunk_ids)} chunks "
+             f"for the first), {repeats} repeats per backend alternated, medians; SmolLM2-135M fp32; Redis "
+             "7 on loopback (appendonly).", "",
+             "| backend | read one chunk (30 layers) | blend TTFT | KV load exposed in blend | full TTFT | blend / full |",
+             "|---|---|---|---|---|---|"]
+    for name in stores:
+        lines.append(f"| {name} | {read[name]:.2f} ms | {blend[name]:.3f} s | "
+                     f"{statistics.median(exposed[name]) * 1e3:.1f} ms | {full[name]:.3f} s | "
+                     f"{blend[name] / full[name]:.3f}x |")
+    ratio = blend["Redis (loopback)"] / blend["LMDB"]
+    lines += ["", f"Blend TTFT with Redis / with LMDB: **{ratio:.2f}x** (target <= 1.2x)."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="ingest,backend")
     parser.add_argument("--passages", type=int, default=30)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write-docs", action="store_true", help="update docs/scale-out.md")
     args = parser.parse_args()
     records = musique_records()
     if records is None:
         return
-    passages = [{"id": f"{i}-{j}", "text": f"{c['title']}\n{c['text']}"}
-                for i, r in enumerate(records) for j, c in enumerate(r["ctxs"])][: args.passages]
-    body = section_ingest(passages, [int(w) for w in args.workers.split(",")])
+    sections = args.sections.split(",")
+    if "ingest" in sections:
+        passages = [{"id": f"{i}-{j}", "text": f"{c['title']}\n{c['text']}"}
+                    for i, r in enumerate(records) for j, c in enumerate(r["ctxs"])][: args.passages]
+        body = section_ingest(passages, [int(w) for w in args.workers.split(",")])
+        command = f"`python benchmarks/scale_out.py --sections ingest --passages {args.passages} --workers {args.workers}`"
+        _report("scale-out-ingest", body, command, args.write_docs)
+    if "backend" in sections:
+        body = section_backend(records, args.questions, args.repeats)
+        command = f"`python benchmarks/scale_out.py --sections backend --questions {args.questions} --repeats {args.repeats}`"
+        _report("scale-out-backend", body, command, args.write_docs)
+
+
+def _report(section: str, body: str, command: str, write_docs: bool) -> None:
     print(body)
-    if args.write_docs:
-        command = f"`python benchmarks/scale_out.py --passages {args.passages} --workers {args.workers}`"
-        replace_section("scale-out-ingest", f"{body}\n\nMachine: {machine()}. Command: {command}", DOC)
+    if write_docs:
+        replace_section(section, f"{body}\n\nMachine: {machine()}. Command: {command}", DOC)
 
 
 if __name__ == "__main__":
