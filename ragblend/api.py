@@ -109,9 +109,12 @@ class RagBlend:
         RagBlend's model folder as every Ray node can read it (None: the bundled default)."""
         from ragblend.storage.distributed import RayKVCompute
 
-        transfer = "float16" if self.store.manifest.kv_dtype == "float16" else "float32"
+        manifest = self.store.manifest
+        transfer = "float16" if manifest.kv_dtype == "float16" else "float32"
         return RayKVCompute(model, self.template.prefix_ids, self.model.fingerprint, workers=workers, address=address,
-                            max_batch_tokens=self.ingestor.spans.max_batch_tokens, transfer_dtype=transfer)
+                            max_batch_tokens=self.ingestor.spans.max_batch_tokens, transfer_dtype=transfer,
+                            backend=self.store.backend, kv_fingerprint=manifest.kv_fingerprint,
+                            kv_dtype=manifest.kv_dtype)
 
     def expire(self) -> list[str]:
         """Apply ended document TTLs now (also done on open and before every ingest): a document with

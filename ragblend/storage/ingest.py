@@ -64,7 +64,9 @@ class _Run:
 
     ttl_s: float | None = None  # default TTL
     namespace: str = DEFAULT_NAMESPACE
-    compute: Callable[[list[list[int]]], list[ChunkKV]] | None = None  # chunk KV: local, or Ray actors
+    # Chunk KV of (chunk ids, token lists): computed here, or by Ray actors; None where the computer
+    # committed the record to the shared backend itself.
+    compute: Callable[[list[str], list[list[int]]], list[ChunkKV | None]] | None = None
 
 
 class Ingestor:
@@ -73,7 +75,10 @@ class Ingestor:
         self.store, self.model, self.template, self.embedder = store, model, template, embedder
         self.chunk_tokens = chunk_tokens
         self.spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids, max_batch_tokens)
-        self._run = _Run(compute=self.spans.compute)
+        self._run = _Run(compute=self._compute_here)
+
+    def _compute_here(self, chunk_ids: list[str], token_lists: list[list[int]]) -> list[ChunkKV]:
+        return self.spans.compute(token_lists)
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -111,13 +116,14 @@ class Ingestor:
 
     def _store_chunks(self, chunks: dict[str, Chunk]) -> None:
         ids = list(chunks)
-        kvs = self._run.compute([list(chunks[c].token_ids) for c in ids])
+        kvs = self._run.compute(ids, [list(chunks[c].token_ids) for c in ids])
         vectors = self.embedder.embed([chunks[c].text for c in ids])
         with self.store.env.begin(write=True) as txn:
             for cid, kv, vector in zip(ids, kvs, vectors):
                 record = self.store.docs.get_chunk(txn, cid) or ChunkRecord(
                     cid, chunks[cid].text, list(chunks[cid].token_ids), namespace=self._run.namespace)
-                self.store.kv.put(txn, cid, kv)
+                if kv is not None:
+                    self.store.kv.put(txn, cid, kv)
                 self.store.docs.put_chunk(txn, record)
                 self.store.docs.put_embedding(txn, cid, vector)
 
@@ -203,7 +209,7 @@ class Ingestor:
         StoreFullError; documents committed before stay whole, the rest are absent."""
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
-        compute = kv_compute.compute if kv_compute is not None else self.spans.compute
+        compute = kv_compute.compute if kv_compute is not None else self._compute_here
         self._run = _Run(ttl_s, validate_namespace(namespace), compute)
         try:
             return self._ingest(docs, progress)
