@@ -2,6 +2,8 @@
 
 `RagBlend.query` (history = the prompt prefix), `Chat.send` (history = prefix and earlier turns) and the
 server all go through it, so a change to fusion, loading or decoding reaches every surface at once.
+Requests answered on several threads share the model through one Batcher: their decode steps run
+batched, their prefills between steps (ragblend.engine.batcher).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
+from ragblend.engine.batcher import Batcher
 from ragblend.engine.fusion import FusionEngine, Prefill
 from ragblend.engine.generate import SamplingConfig, decode
 from ragblend.engine.layout import PromptLayout
@@ -51,6 +54,7 @@ class RequestPath:
     def __init__(self, model: LoadedModel, store: Store, ingestor: Ingestor):
         self.model, self.store, self.ingestor = model, store, ingestor
         self.engine = FusionEngine(model)
+        self.batcher = Batcher(model)
 
     def prefill(self, history: History, chunks: list[ContextChunk], suffix_ids: list[int], mode: str,
                 blend: BlendConfig, load_depth: int = 2, reserve_tokens: int = 0) -> PreparedPrompt:
@@ -61,19 +65,22 @@ class RequestPath:
             raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
         stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
-        misses = self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes them all
-        prepared = time.perf_counter()
-        try:
-            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
-        except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
-            if error.key not in {c.chunk_id for c in chunks}:
-                raise  # a session turn's record: the session layer owns it
-            with self.store.env.begin(write=True) as txn:
-                self.store.kv.delete(txn, error.key)
-            misses += self.ensure_kv(chunks[: stored_spans - 1])
-            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
-        prefill.timings["fuse_s"] = time.perf_counter() - prepared
-        timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start,
+        with self.batcher.prefill():  # between decode steps of other requests, see Batcher
+            waited = time.perf_counter()
+            misses = self.ensure_kv(chunks[: stored_spans - 1])  # only what this mode loads; `full` computes them all
+            prepared = time.perf_counter()
+            try:
+                prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
+            except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
+                if error.key not in {c.chunk_id for c in chunks}:
+                    raise  # a session turn's record: the session layer owns it
+                with self.store.env.begin(write=True) as txn:
+                    self.store.kv.delete(txn, error.key)
+                misses += self.ensure_kv(chunks[: stored_spans - 1])
+                prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth)
+            prefill.timings["fuse_s"] = time.perf_counter() - prepared
+        timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
+                   "ttft_s": time.perf_counter() - start,
                    "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}
         return PreparedPrompt(layout, prefill, chunks, timings)
 
@@ -83,7 +90,7 @@ class RequestPath:
         layout, prefill, timings = prepared.layout, prepared.prefill, prepared.timings
         first_token = time.perf_counter()
         generated: list[int] = []
-        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated)
+        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated, self.batcher.step)
 
         def finish(text: str) -> Answer:
             timings["decode_s"] = time.perf_counter() - first_token
