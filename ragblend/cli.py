@@ -134,8 +134,9 @@ def _serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install 'ragblend[serve]'") from None
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
-          keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, threads=args.worker_threads,
-          prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes, decode_weights=args.decode_weights)
+          keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, max_batch=args.max_batch,
+          threads=args.worker_threads, prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes,
+          decode_weights=args.decode_weights)
 
 
 def _ratio(text: str) -> float | str:
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: env RAGBLEND_API_KEY)")
     serve.add_argument("--api-keys", metavar="FILE", help="JSON object of API key -> the namespace it is bound to")
     serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; beyond, 429")
+    serve.add_argument("--max-batch", type=int, default=4,
+                       help="requests answered at once, their decode steps batched (default 4)")
     serve.add_argument("--worker-threads", "--workers-threads", type=int,
                        help="torch threads for the model (default: torch's)")
     serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")
