@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-ram-bytes", type=int, default=512 << 20,
                        help="RAM tier for conversation KV (default 512 MiB; the disk tier holds all of it)")
     serve.add_argument("--decode-weights", choices=["float32", "int8"], default="float32",
-                       help="int8: decode ~1.8x faster per token, same F1, not always the same text")
+                       help="int8: decode ~1.6x faster per token, not always the same text")
     serve.set_defaults(run=_serve)
     return parser
 

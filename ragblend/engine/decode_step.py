@@ -93,7 +93,7 @@ class _Layer:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DynamicCache,
                 index: int) -> torch.Tensor:
         """One request's new token over its cache; query heads of a group fold into rows of their kv head."""
-        keys, values = cache.update(k[None, :, None], v[None, :, None], index)
+        keys, values = cache.layers[index].update(k[None, :, None], v[None, :, None])
         kv_heads = k.shape[0]
         folded = q.reshape(1, kv_heads, -1, self.head_dim)
         return F.scaled_dot_product_attention(folded, keys, values, scale=self.scaling).reshape(1, -1)
