@@ -1,11 +1,16 @@
 """Decode with the real model.
 
-    python benchmarks/decode.py [--sections cache,int8] [--contexts 2000,6000] [--tokens 64] [--questions 24] [--write-docs]
+    python benchmarks/decode.py [--sections cache,int8,batch,memory] [--contexts 2000,6000] [--tokens 64]
+                                [--questions 24] [--batch-context 2000] [--memory-context 7000] [--write-docs]
 
 cache: step time with transformers' DynamicCache (concatenates every token) against ragblend's decode
        cache (writes in place), at ~2k and ~6k context, and where a step's time goes (torch profiler).
 int8: answers and decode speed with int8 decode weights against float32 on the synthetic eval set
       (passages as contexts, greedy, full and blend): identical answers, F1 to gold, ms per token.
+batch: batched decode of 1, 2 and 4 requests at ~2k context each, in alternating rounds in one run
+       (so a busy machine slows them alike): step time, per-request latency, aggregate throughput,
+       against one request at a time on transformers' forward (the decode before batching).
+memory: resident memory during one ~7k-token request's decode against its KV and the weights.
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
-from ragblend.engine.decode_cache import decode_cache  # noqa: E402
+from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E402
 from ragblend.eval.metrics import best_f1  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
-from ragblend.engine.generate import feed  # noqa: E402
+from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
 from ragblend.engine.model import load_model, with_int8_decode  # noqa: E402
 
 
@@ -100,12 +105,88 @@ def section_int8(model, questions: int) -> str:
     return "\n".join(lines)
 
 
+def prompt_cache(model, length: int, seed: int):
+    """A random prompt of `length` tokens prefilled into a decode cache."""
+    ids = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = DynamicCache()
+    logits = feed(model, cache, ids, 0)
+    return decode_cache([(layer.keys, layer.values) for layer in cache.layers]), logits
+
+
+def timed_steps(model, sequences: list[Sequence], tokens: int, batched: bool) -> list[float]:
+    """Step times of `tokens` decode steps (fixed tokens), then the caches cropped back to their prompts."""
+    times = []
+    for i in range(tokens):
+        for sequence in sequences:
+            sequence.token = 200 + i % 50
+            sequence.generated.append(sequence.token)
+        began = time.perf_counter()
+        if batched:
+            step(model, sequences)
+        else:
+            for sequence in sequences:
+                feed(model, sequence.cache, [sequence.token], sequence.position)
+        times.append(time.perf_counter() - began)
+    for sequence in sequences:
+        sequence.cache.crop(-tokens)
+        sequence.generated.clear()
+    return times
+
+
+def section_batch(model, context: int, tokens: int, rounds: int = 4) -> str:
+    sizes = (1, 2, 4)
+    sequences = [Sequence(model, *prompt_cache(model, context + 17 * i, i), context + 17 * i, SamplingConfig(), [])
+                 for i in range(max(sizes))]
+    runs = {"hf": [], **{size: [] for size in sizes}}
+    timed_steps(model, sequences, 4, True)  # warm-up: packs the weights
+    for _ in range(rounds):
+        runs["hf"] += timed_steps(model, sequences[:1], tokens // rounds, False)
+        for size in sizes:
+            runs[size] += timed_steps(model, sequences[:size], tokens // rounds, True)
+    ms = {key: statistics.median(times) * 1e3 for key, times in runs.items()}
+    print(ms, flush=True)
+    lines = [f"Median decode step over {tokens} tokens per row (in {rounds} alternating rounds), SmolLM2-135M fp32, "
+             f"~{context:,}-token context per request.", "",
+             "| decode | requests | step | per-request latency vs one | aggregate tokens/s | vs one request |",
+             "|---|---|---|---|---|---|",
+             f"| transformers forward, one at a time (before) | 1 | {ms['hf']:.1f} ms | | {1e3 / ms['hf']:.1f} | "
+             f"{ms[1] / ms['hf']:.2f}x |"]
+    for size in sizes:
+        lines.append(f"| batched step | {size} | {ms[size]:.1f} ms | {ms[size] / ms[1]:.2f}x | "
+                     f"{size * 1e3 / ms[size]:.1f} | {size * ms[1] / ms[size]:.2f}x |")
+    return "\n".join(lines)
+
+
+def rss_mb(field: str) -> float:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status[field].split()[0]) / 1024
+
+
+def section_memory(model, context: int, tokens: int) -> str:
+    sequence = Sequence(model, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
+    timed_steps(model, [sequence], 4, True)  # packs the weights
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
+    before = rss_mb("VmRSS")
+    timed_steps(model, [sequence], tokens, True)
+    peak = rss_mb("VmHWM")
+    kv = sum(t.untyped_storage().nbytes() for layer in sequence.cache.layers for t in (layer.keys, layer.values)) / 2**20
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
+    print(before, peak, kv, weights, flush=True)
+    return (f"One request at {context:,} tokens of context, {tokens} decode steps: resident memory {before:,.0f} MB "
+            f"before the steps and a peak of {peak:,.0f} MB during them (+{peak - before:,.0f} MB). Its KV buffer "
+            f"(prompt + {SPARE_TOKENS} spare rows, fp32) is {kv:,.0f} MB; the weights are {weights:,.0f} MB for "
+            f"prefill plus about as much again prepacked for decode; the rest is the Python and torch runtime "
+            f"and the allocator's pages kept from the prefill.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="cache,int8")
+    parser.add_argument("--sections", default="cache,int8,batch,memory")
     parser.add_argument("--contexts", default="2000,6000")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--questions", type=int, default=24)
+    parser.add_argument("--batch-context", type=int, default=2000)
+    parser.add_argument("--memory-context", type=int, default=7000)
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     model = load_model(None)
@@ -122,6 +203,18 @@ def main() -> None:
         if args.write_docs:
             command = f"`python benchmarks/decode.py --sections int8 --questions {args.questions}`"
             replace_section("decode-int8", f"{body}\n\nMachine: {machine()}. Command: {command}")
+    if "batch" in sections:
+        body = section_batch(model, args.batch_context, args.tokens)
+        print(body)
+        if args.write_docs:
+            command = f"`python benchmarks/decode.py --sections batch --batch-context {args.batch_context} --tokens {args.tokens}`"
+            replace_section("decode-batch", f"{body}\n\nMachine: {machine()}. Command: {command}")
+    if "memory" in sections:
+        body = section_memory(model, args.memory_context, args.tokens)
+        print(body)
+        if args.write_docs:
+            command = f"`python benchmarks/decode.py --sections memory --memory-context {args.memory_context} --tokens {args.tokens}`"
+            replace_section("decode-memory", f"{body}\n\nMachine: {machine()}. Command: {command}")
 
 
 if __name__ == "__main__":

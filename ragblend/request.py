@@ -2,6 +2,8 @@
 
 `RagBlend.query` (history = the prompt prefix), `Chat.send` (history = prefix and earlier turns) and the
 server all go through it, so a change to fusion, loading or decoding reaches every surface at once.
+Requests answered on several threads share the model through one Batcher: their decode steps run
+batched, their prefills between steps (ragblend.engine.batcher).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.precompute import ChunkKV
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
+from ragblend.engine.batcher import Batcher
 from ragblend.engine.fusion import FusionEngine, Prefill
 from ragblend.engine.generate import SamplingConfig, decode
 from ragblend.engine.layout import PromptLayout
@@ -53,6 +56,7 @@ class RequestPath:
     def __init__(self, model: LoadedModel, store: Store, ingestor: Ingestor):
         self.model, self.store, self.ingestor = model, store, ingestor
         self.engine = FusionEngine(model)
+        self.batcher = Batcher(model)
 
     def prefill(self, history: History, chunks: list[ContextChunk], suffix_ids: list[int], mode: str,
                 blend: BlendConfig, load_depth: int = 2, reserve_tokens: int = 0) -> PreparedPrompt:
@@ -64,18 +68,20 @@ class RequestPath:
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
         stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
         loaded = chunks[: stored_spans - 1]  # only what this mode loads; `full` computes them all
-        prepared = time.perf_counter()
-        try:
-            misses = self.ensure_kv(loaded)
-            prepared = time.perf_counter()
-            prefill, repaired = self._run_stored(layout, history, mode, stored_spans, blend, load_depth, loaded)
-            misses += repaired
-        except BackendUnavailableError:  # the shared backend went away: compute what it could not give
-            misses = len(loaded)
-            computed = dict(zip([c.chunk_id for c in loaded], self._compute_as_stored(loaded)))
-            prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth, computed)
-        prefill.timings["fuse_s"] = time.perf_counter() - prepared
-        timings = {"prepare_s": prepared - start, **prefill.timings, "ttft_s": time.perf_counter() - start,
+        with self.batcher.prefill():  # between decode steps of other requests, see Batcher
+            waited = prepared = time.perf_counter()
+            try:
+                misses = self.ensure_kv(loaded)
+                prepared = time.perf_counter()
+                prefill, repaired = self._run_stored(layout, history, mode, stored_spans, blend, load_depth, loaded)
+                misses += repaired
+            except BackendUnavailableError:  # the shared backend went away: compute what it could not give
+                misses = len(loaded)
+                computed = dict(zip([c.chunk_id for c in loaded], self._compute_as_stored(loaded)))
+                prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth, computed)
+            prefill.timings["fuse_s"] = time.perf_counter() - prepared
+        timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
+                   "ttft_s": time.perf_counter() - start,
                    "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}
         return PreparedPrompt(layout, prefill, chunks, timings)
 
@@ -85,7 +91,7 @@ class RequestPath:
         layout, prefill, timings = prepared.layout, prepared.prefill, prepared.timings
         first_token = time.perf_counter()
         generated: list[int] = []
-        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated)
+        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated, self.batcher.step)
 
         def finish(text: str) -> Answer:
             timings["decode_s"] = time.perf_counter() - first_token

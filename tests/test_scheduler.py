@@ -1,5 +1,6 @@
-"""The server's scheduler: a bounded queue, one worker in arrival order, cancellation, and prefetch of
-queued jobs whose protection is released once they have run."""
+"""The server's scheduler: a bounded queue, workers taking jobs in arrival order (several at once:
+their decodes batch), cancellation, and prefetch of queued jobs whose protection is released once
+they have run."""
 from __future__ import annotations
 
 import threading
@@ -25,6 +26,20 @@ def test_beyond_max_queue_a_request_is_refused_not_queued():
     gate.set()
     scheduler.close()
     assert running.future.result() is True
+
+
+def test_up_to_workers_jobs_run_at_once_and_a_queued_one_starts_when_one_ends():
+    scheduler = Scheduler(max_queue=4, workers=2)
+    (first, first_gate), (second, second_gate) = blocker(), blocker()
+    started = threading.Event()
+    third = Job(lambda job: started.set())
+    for job in (first, second, third):
+        scheduler.submit(job)
+    assert not started.wait(0.3) and scheduler.depth == 3  # both workers busy: the third waits
+    second_gate.set()
+    assert started.wait(5) and not first.future.done()
+    first_gate.set()
+    scheduler.close()
 
 
 def test_a_job_cancelled_while_queued_never_runs_and_one_running_sees_it():

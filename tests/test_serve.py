@@ -88,6 +88,24 @@ def test_streamed_chat_sends_the_same_text_then_usage_and_done(server, expected)
     assert lines[-1] == "data: [DONE]"
 
 
+def test_answers_decoded_together_equal_the_python_api(server, expected):
+    replies = {}
+
+    def ask(mode: str) -> None:
+        reply = server.openai().chat.completions.create(
+            model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, extra_body={"mode": mode})
+        replies[mode] = reply.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(mode,)) for mode in ("blend", "full")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert replies == {mode: expected[1][mode] for mode in ("blend", "full")}
+    with server.http() as http:
+        assert "ragblend_decode_batch_mean" in http.get("/metrics").text
+
+
 def test_a_session_continued_over_http_reuses_its_kv(server):
     client = server.openai()
     first = client.chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTION}],

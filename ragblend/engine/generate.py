@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -58,30 +58,67 @@ def feed(model: LoadedModel, cache: DynamicCache, token_ids: list[int], start: i
     return out.logits[0, -1]
 
 
-@torch.inference_mode()
-def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, prompt_len: int,
-           sampling: SamplingConfig, generated: list[int]) -> Iterator[str]:
-    """Yield text pieces; token ids accumulate in `generated`. Stops at EOS, a stop string or the budget."""
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    eos = _eos_ids(model)
-    logits, emitted = first_logits, 0
-    for step in range(sampling.max_new_tokens):
-        token = pick_token(logits, sampling, generator)
-        if token in eos:
-            break
-        generated.append(token)
-        text = model.tokenizer.decode(generated, skip_special_tokens=True)
-        hit = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+class Sequence:
+    """One request's decode: its cache, sampling and tokens so far, and the text not yet handed out.
+    `advance` picks a token from `logits`; feeding it (alone or in a batch) sets the next `logits`."""
+
+    def __init__(self, model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, prompt_len: int,
+                 sampling: SamplingConfig, generated: list[int]):
+        self.tokenizer, self.eos = model.tokenizer, _eos_ids(model)
+        self.cache, self.logits, self.prompt_len = cache, first_logits, prompt_len
+        self.sampling, self.generated = sampling, generated
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.emitted = 0
+        self.token: int | None = None  # to feed next; None once the sequence has ended
+
+    @property
+    def position(self) -> int:
+        """Where `token` goes in the cache."""
+        return self.prompt_len + len(self.generated) - 1
+
+    def advance(self) -> list[str]:
+        """Pick the next token: the text pieces it makes final. Stops at EOS, a stop string or the budget."""
+        token, self.token = pick_token(self.logits, self.sampling, self.generator), None
+        if token in self.eos:
+            return self._rest()
+        self.generated.append(token)
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        stops = self.sampling.stop
+        hit = min((text.find(s) for s in stops if s in text), default=-1)
         if hit >= 0:
-            yield text[emitted:hit]
+            return [text[self.emitted:hit]]
+        pieces = []
+        ready = len(text) - _held_back(text, stops)
+        if ready > self.emitted:
+            pieces.append(text[self.emitted:ready])
+            self.emitted = ready
+        if len(self.generated) == self.sampling.max_new_tokens:
+            return pieces + self._rest()
+        self.token = token
+        return pieces
+
+    def _rest(self) -> list[str]:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        return [text[self.emitted:]] if len(text) > self.emitted else []
+
+
+def step(model: LoadedModel, sequences: list[Sequence]) -> None:
+    """Feed every sequence's token in one batched forward; each gets its next logits."""
+    logits = model.decode_step([s.token for s in sequences], [s.position for s in sequences],
+                               [s.cache for s in sequences])
+    for sequence, row in zip(sequences, logits):
+        sequence.logits = row
+
+
+def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, prompt_len: int,
+           sampling: SamplingConfig, generated: list[int],
+           feed_step: Callable[[Sequence], None] | None = None) -> Iterator[str]:
+    """Yield text pieces; token ids accumulate in `generated`. `feed_step` runs a sequence's step (default:
+    alone; a Batcher's joins it to other requests' steps)."""
+    sequence = Sequence(model, cache, first_logits, prompt_len, sampling, generated)
+    feed_step = feed_step or (lambda s: step(model, [s]))
+    while True:
+        yield from sequence.advance()
+        if sequence.token is None:
             return
-        ready = len(text) - _held_back(text, sampling.stop)
-        if ready > emitted:
-            yield text[emitted:ready]
-            emitted = ready
-        if step + 1 == sampling.max_new_tokens:
-            break
-        logits = feed(model, cache, [token], prompt_len + step)
-    text = model.tokenizer.decode(generated, skip_special_tokens=True)
-    if len(text) > emitted:
-        yield text[emitted:]
+        feed_step(sequence)

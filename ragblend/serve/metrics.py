@@ -12,12 +12,14 @@ from prometheus_client import (
 )
 
 from ragblend.answer import Answer
+from ragblend.engine.batcher import BatchStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    def __init__(self, queue_depth: Callable[[], int], tier_bytes: Callable[[], dict[str, int]]):
+    def __init__(self, queue_depth: Callable[[], int], tier_bytes: Callable[[], dict[str, int]],
+                 batches: Callable[[], BatchStats]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ragblend_requests", "HTTP requests", ["endpoint", "status"], registry=r)
@@ -30,6 +32,8 @@ class Metrics:
         self.history = Counter("ragblend_session_history", "conversation turns by where their KV came from",
                                ["source"], registry=r)
         Gauge("ragblend_queue_depth", "requests queued or running", registry=r).set_function(queue_depth)
+        Gauge("ragblend_decode_batch_mean", "requests fed per decode step, on average since start",
+              registry=r).set_function(lambda: batches().tokens / max(batches().steps, 1))
         tiers = Gauge("ragblend_tier_bytes", "KV bytes held per tier", ["tier"], registry=r)
         for tier in ("ram", "disk"):
             tiers.labels(tier).set_function(lambda tier=tier: tier_bytes()[tier])

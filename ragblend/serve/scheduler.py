@@ -1,10 +1,17 @@
-"""One model, many clients: a bounded queue in front of a single worker thread, and a prefetcher that
-readies what queued requests will need while the worker runs the current one (CachedAttention's
+"""One model, many clients: a bounded queue in front of `workers` worker threads, and a prefetcher that
+readies what queued requests will need while the workers run earlier ones (CachedAttention's
 scheduler-aware prefetch).
+
+Continuous batching: each worker answers one request at a time, and the model's Batcher
+(ragblend.engine.batcher) runs the decode steps of all running requests as one batched step, with
+prefills between steps. So a request joins the running batch once its prefill is done and leaves it
+at its last token, and `workers` is the largest batch. The bound on prefills: while decodes wait, at
+most one prefill runs between two batched steps, so a running answer's next token waits at most one
+prefill (plus the step or prefill already running).
 
 A job's `prefetch` runs on the prefetch thread while the job waits: it retrieves the request's chunks
 and warms their KV pages, and loads its session's turns into the RAM tier, protected from eviction
-until the job has run (`release`). The worker runs jobs in arrival order; a job cancelled while queued
+until the job has run (`release`). Workers take jobs in arrival order; a job cancelled while queued
 (its client went away) is skipped, one cancelled while running stops at its next token.
 """
 from __future__ import annotations
@@ -43,15 +50,18 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, prefetch: bool = True):
+    def __init__(self, max_queue: int, prefetch: bool = True, workers: int = 1):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.max_queue, self.prefetch_enabled = max_queue, prefetch
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._cond = threading.Condition()
         self._closing = False
-        self._threads = [threading.Thread(target=self._work, name="ragblend-worker", daemon=True)]
+        self._threads = [threading.Thread(target=self._work, name=f"ragblend-worker-{i}", daemon=True)
+                         for i in range(workers)]
         if prefetch:
             self._threads.append(threading.Thread(target=self._prefetch, name="ragblend-prefetch", daemon=True))
         for thread in self._threads:
@@ -61,13 +71,13 @@ class Scheduler:
     def depth(self) -> int:
         """Requests waiting or running."""
         with self._cond:
-            return len(self._queue) + (self._running is not None)
+            return len(self._queue) + len(self._running)
 
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self._closing:
                 raise Overloaded("the server is shutting down")
-            if len(self._queue) + (self._running is not None) >= self.max_queue:
+            if len(self._queue) + len(self._running) >= self.max_queue:
                 raise Overloaded(f"{self.max_queue} requests are already queued or running")
             self._queue.append(job)
             self._cond.notify_all()
@@ -87,9 +97,10 @@ class Scheduler:
                 self._cond.wait()
             if not self._queue:
                 return None
-            self._running = self._queue.popleft()
+            job = self._queue.popleft()
+            self._running.add(job)
             self._cond.notify_all()
-            return self._running
+            return job
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
@@ -101,13 +112,13 @@ class Scheduler:
             finally:
                 with self._cond:
                     release, job.release = job.release, None
-                    self._running = None
+                    self._running.discard(job)
                     self._cond.notify_all()
                 if release is not None:
                     release()
 
     def _prefetch(self) -> None:
-        """Prefetch queued jobs in order, while the worker is busy with an earlier one."""
+        """Prefetch queued jobs in order, while the workers are busy with earlier ones."""
         while True:
             with self._cond:
                 while not self._closing and not any(not j.prefetched for j in self._queue):

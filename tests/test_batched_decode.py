@@ -1,0 +1,146 @@
+"""Batched decode: requests decoded together get exactly the tokens and text pieces they get alone,
+whatever joins or leaves the batch, and a step is the model's own forward."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ragblend.engine.batcher as batcher_module
+from ragblend import RagBlend
+from ragblend.engine.batcher import Batcher
+from ragblend.engine.decode_cache import decode_cache
+from ragblend.engine.generate import SamplingConfig, Sequence, decode, feed, step
+from ragblend.engine.model import with_int8_decode
+
+
+def prompt(model, length: int, seed: int) -> tuple[DynamicCache, torch.Tensor]:
+    """A random prompt's decode cache and next-token logits, as a prefill hands them to decode."""
+    ids = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = DynamicCache()
+    logits = feed(model, cache, ids, 0)
+    return decode_cache([(layer.keys, layer.values) for layer in cache.layers]), logits
+
+
+def alone(model, length: int, seed: int, sampling: SamplingConfig) -> tuple[list[int], list[str]]:
+    cache, logits = prompt(model, length, seed)
+    generated: list[int] = []
+    return generated, list(decode(model, cache, logits, length, sampling, generated))
+
+
+def together(model, requests: list[tuple[int, int, SamplingConfig, int]]) -> list[tuple[list[int], list[str]]]:
+    """(prompt length, seed, sampling, step it joins at) per request: one batched step at a time."""
+    sequences: dict[int, Sequence] = {}
+    pieces: list[list[str]] = [[] for _ in requests]
+    active: list[int] = []
+    for tick in range(200):
+        for i, (length, seed, sampling, joins) in enumerate(requests):
+            if tick == joins:
+                cache, logits = prompt(model, length, seed)
+                sequences[i] = Sequence(model, cache, logits, length, sampling, [])
+                active.append(i)
+        for i in active:
+            pieces[i] += sequences[i].advance()
+        active = [i for i in active if sequences[i].token is not None]
+        if active:
+            step(model, [sequences[i] for i in active])
+    return [(sequences[i].generated, pieces[i]) for i in range(len(requests))]
+
+
+def stop_inside(model, length: int, seed: int) -> str:
+    """A stop string that the request's answer reaches after a few tokens."""
+    tokens, _ = alone(model, length, seed, SamplingConfig(max_new_tokens=12))
+    text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+    return text[len(text) // 2:len(text) // 2 + 3]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_mha", "qwen2", "llama3_rope"])
+def test_a_step_is_the_models_own_forward(tiny_model_factory, kind):
+    model = tiny_model_factory(kind)
+    ours, ours_logits = prompt(model, 37, seed=1)
+    reference, _ = prompt(model, 37, seed=1)
+    for position in range(37, 41):
+        expected = feed(model, reference, [500 + position], position)
+        got = model.decode_step([500 + position], [position], [ours])[0]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.layers[-1].keys, reference.layers[-1].keys, atol=1e-5, rtol=1e-5)
+    assert ours.get_seq_length() == reference.get_seq_length() == 41
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny_model_factory, int8):
+    model = tiny_model_factory("llama")
+    model = with_int8_decode(model) if int8 else model
+    requests = [  # prompt lengths differ; requests join late and leave at their budget or a stop string
+        (40, 0, SamplingConfig(max_new_tokens=20), 0),
+        (75, 1, SamplingConfig(max_new_tokens=6), 0),
+        (12, 2, SamplingConfig(max_new_tokens=16, temperature=0.8, seed=3), 2),
+        (58, 3, SamplingConfig(max_new_tokens=30, stop=(stop_inside(model, 58, 3),)), 5),
+        (90, 4, SamplingConfig(max_new_tokens=1), 7),
+    ]
+    expected = [alone(model, length, seed, sampling) for length, seed, sampling, _ in requests]
+    assert together(model, requests) == expected
+    assert len(expected[3][0]) < 12  # the stop string ended it early
+
+
+def test_concurrent_queries_share_steps_and_answer_as_they_do_one_by_one(tiny_model_factory, embedder, tmp_path):
+    passages = ["The lighthouse of Varn was built in 1821 by the engineer Oda Pell.",
+                "Oda Pell later designed three bridges over the river Am in Kessel."]
+    questions = ["Who built the lighthouse?", "What did Oda Pell design?", "Where is Kessel?", "When was it built?"]
+    with RagBlend(tmp_path / "store", model=tiny_model_factory("llama"), embedder=embedder) as rb:
+        ask = lambda q: rb.query(q, contexts=passages, mode="blend", max_new_tokens=24)  # noqa: E731
+        one_by_one = [ask(q).token_ids for q in questions]
+        before = rb.requests.batcher.stats.steps, rb.requests.batcher.stats.tokens
+        with ThreadPoolExecutor(len(questions)) as pool:
+            concurrent = [a.token_ids for a in pool.map(ask, questions)]
+        steps, tokens = (now - then for now, then in zip((rb.requests.batcher.stats.steps,
+                                                           rb.requests.batcher.stats.tokens), before))
+    assert concurrent == one_by_one
+    assert tokens > steps  # some steps fed several requests
+
+
+def test_while_decodes_wait_at_most_one_prefill_runs_between_two_steps(tiny_model_factory, monkeypatch):
+    model = tiny_model_factory("llama")
+    batcher, events = Batcher(model), []
+    real_step = batcher_module.step
+
+    def logged_step(model_, batch):
+        events.append("step")
+        real_step(model_, batch)
+
+    monkeypatch.setattr(batcher_module, "step", logged_step)
+    decoding = threading.Event()
+
+    def decode_one():
+        cache, logits = prompt(model, 30, seed=0)
+        for _ in decode(model, cache, logits, 30, SamplingConfig(max_new_tokens=40), [], batcher.step):
+            decoding.set()
+
+    def prefill_many():
+        decoding.wait(5)
+        for _ in range(6):
+            with batcher.prefill():
+                events.append("prefill")
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=decode_one)] + [threading.Thread(target=prefill_many) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    last_step = len(events) - events[::-1].index("step")
+    while_decoding = events[events.index("step"):last_step]
+    assert events.count("prefill") == 18 and while_decoding.count("prefill") > 1
+    assert all(not (a == b == "prefill") for a, b in zip(while_decoding, while_decoding[1:]))
+
+
+@pytest.mark.integration
+def test_the_real_model_decodes_the_same_tokens_alone_and_batched(smollm):
+    requests = [(300, 0, SamplingConfig(max_new_tokens=16), 0), (520, 1, SamplingConfig(max_new_tokens=16), 0),
+                (140, 2, SamplingConfig(max_new_tokens=10), 3)]
+    expected = [alone(smollm, length, seed, sampling) for length, seed, sampling, _ in requests]
+    assert together(smollm, requests) == expected
