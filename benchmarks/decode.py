@@ -1,16 +1,19 @@
 """Decode with the real model.
 
-    python benchmarks/decode.py [--sections cache,int8,batch,memory] [--contexts 2000,6000] [--tokens 64]
-                                [--questions 24] [--batch-context 2000] [--memory-context 7000] [--write-docs]
+    python benchmarks/decode.py [--sections cache,int8,batch,memory,e2e] [--contexts 2000,6000] [--tokens 64]
+                                [--questions 24] [--batch-context 2000,5500] [--memory-context 7000]
+                                [--answer-tokens 32] [--write-docs]
 
 cache: step time with transformers' DynamicCache (concatenates every token) against ragblend's decode
        cache (writes in place), at ~2k and ~6k context, and where a step's time goes (torch profiler).
 int8: answers and decode speed with int8 decode weights against float32 on the synthetic eval set
       (passages as contexts, greedy, full and blend): identical answers, F1 to gold, ms per token.
-batch: batched decode of 1, 2 and 4 requests at ~2k context each, in alternating rounds in one run
+batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) context each, in alternating rounds in one run
        (so a busy machine slows them alike): step time, per-request latency, aggregate throughput,
        against one request at a time on transformers' forward (the decode before batching).
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
+e2e: a 32-token blend answer over 10 MuSiQue passages, decoded the way before issue 15 and today's way
+     from the same prefill (--questions of them; e2e is not in the default sections).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from docsection import machine, replace_section  # noqa: E402
+from docsection import machine, musique_records, replace_section  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
@@ -157,6 +160,44 @@ def section_batch(model, context: int, tokens: int, rounds: int = 4) -> str:
     return "\n".join(lines)
 
 
+def section_e2e(model, questions: int, answer_tokens: int) -> str:
+    """A blend answer of `answer_tokens` tokens over 10 MuSiQue passages: TTFT, then the decode steps of the
+    transformers forward over a concatenating DynamicCache (the path before issue 15) against today's step,
+    both from the same prefill."""
+    records = musique_records()
+    if records is None:
+        return "skipped: no evaluation data"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rb = RagBlend(Path(tmp) / "store", model=model)
+        for record in records[:questions]:
+            passages = [f"{c['title']}\n{c['text']}" for c in record["ctxs"][:10]]
+            rb.prefill(record["question"], contexts=passages)  # stores the passages' KV
+            prepared = rb.prefill(record["question"], contexts=passages)
+            cache, length = prepared.prefill.cache, len(prepared.layout)
+            before = DynamicCache()
+            for index, layer in enumerate(cache.layers):
+                before.update(layer.keys.clone(), layer.values.clone(), index)
+            old = [time.perf_counter()]
+            for i in range(answer_tokens - 1):
+                feed(model, before, [200 + i], length + i)
+                old.append(time.perf_counter())
+            sequence = Sequence(model, cache, prepared.prefill.logits, length, SamplingConfig(), [])
+            new = sum(timed_steps(model, [sequence], answer_tokens - 1, True))
+            rows.append((prepared.timings["ttft_s"], old[-1] - old[0], new, length))
+        rb.close()
+    ttft, old, new = (statistics.median(r[i] for r in rows) for i in range(3))
+    return (f"{questions} MuSiQue questions x 10 passages (median prompt {statistics.median(r[3] for r in rows):,.0f} "
+            f"tokens), blend, a {answer_tokens}-token answer (fixed tokens), medians:\n\n"
+            "| decode path | TTFT | decode after the first token | answer end to end | ms per token |\n"
+            "|---|---|---|---|---|\n"
+            f"| transformers forward, concatenating DynamicCache (before) | {ttft:.2f} s | {old:.2f} s | {ttft + old:.2f} s "
+            f"| {old * 1e3 / (answer_tokens - 1):.0f} |\n"
+            f"| in-place cache, packed batched step (now) | {ttft:.2f} s | {new:.2f} s | {ttft + new:.2f} s "
+            f"| {new * 1e3 / (answer_tokens - 1):.0f} |\n\n"
+            f"End to end now / before: {(ttft + new) / (ttft + old):.2f}x; decode alone {new / old:.2f}x.")
+
+
 def rss_mb(field: str) -> float:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(status[field].split()[0]) / 1024
@@ -185,7 +226,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="2000,6000")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--questions", type=int, default=24)
-    parser.add_argument("--batch-context", type=int, default=2000)
+    parser.add_argument("--batch-context", default="2000", help="contexts per request, e.g. 2000,5500")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="e2e: tokens per answer")
     parser.add_argument("--memory-context", type=int, default=7000)
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
@@ -204,11 +246,18 @@ def main() -> None:
             command = f"`python benchmarks/decode.py --sections int8 --questions {args.questions}`"
             replace_section("decode-int8", f"{body}\n\nMachine: {machine()}. Command: {command}")
     if "batch" in sections:
-        body = section_batch(model, args.batch_context, args.tokens)
+        for context in [int(c) for c in args.batch_context.split(",")]:
+            body = section_batch(model, context, args.tokens)
+            print(body)
+            if args.write_docs:
+                command = f"`python benchmarks/decode.py --sections batch --batch-context {context} --tokens {args.tokens}`"
+                replace_section(f"decode-batch-{context}", f"{body}\n\nMachine: {machine()}. Command: {command}")
+    if "e2e" in sections:
+        body = section_e2e(model, args.questions, args.answer_tokens)
         print(body)
         if args.write_docs:
-            command = f"`python benchmarks/decode.py --sections batch --batch-context {args.batch_context} --tokens {args.tokens}`"
-            replace_section("decode-batch", f"{body}\n\nMachine: {machine()}. Command: {command}")
+            command = f"`python benchmarks/decode.py --sections e2e --questions {args.questions} --answer-tokens {args.answer_tokens}`"
+            replace_section("decode-e2e", f"{body}\n\nMachine: {machine()}. Command: {command}")
     if "memory" in sections:
         body = section_memory(model, args.memory_context, args.tokens)
         print(body)
