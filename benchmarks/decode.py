@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from docsection import machine, musique_records, replace_section  # noqa: E402
+from docsection import musique_records, report  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
@@ -43,9 +43,9 @@ from ragblend.engine.model import load_model, with_int8_decode  # noqa: E402
 
 def step_ms(model, cache, start: int, tokens: int) -> float:
     times = []
-    for step in range(tokens):
+    for i in range(tokens):
         began = time.perf_counter()
-        feed(model, cache, [200 + step % 50], start + step)
+        feed(model, cache, [200 + i % 50], start + i)
         times.append(time.perf_counter() - began)
     return statistics.median(times) * 1e3
 
@@ -232,38 +232,23 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     model = load_model(None)
-    sections = args.sections.split(",")
+    sections, write = args.sections.split(","), args.write_docs
+    command = "python benchmarks/decode.py --sections"
     if "cache" in sections:
-        body = section_cache(model, [int(c) for c in args.contexts.split(",")], args.tokens)
-        command = f"`python benchmarks/decode.py --sections cache --contexts {args.contexts} --tokens {args.tokens}`"
-        print(body)
-        if args.write_docs:
-            replace_section("decode", f"{body}\n\nMachine: {machine()}. Command: {command}")
+        report("decode", section_cache(model, [int(c) for c in args.contexts.split(",")], args.tokens),
+               f"{command} cache --contexts {args.contexts} --tokens {args.tokens}", write)
     if "int8" in sections:
-        body = section_int8(model, args.questions)
-        print(body)
-        if args.write_docs:
-            command = f"`python benchmarks/decode.py --sections int8 --questions {args.questions}`"
-            replace_section("decode-int8", f"{body}\n\nMachine: {machine()}. Command: {command}")
+        report("decode-int8", section_int8(model, args.questions), f"{command} int8 --questions {args.questions}", write)
     if "batch" in sections:
         for context in [int(c) for c in args.batch_context.split(",")]:
-            body = section_batch(model, context, args.tokens)
-            print(body)
-            if args.write_docs:
-                command = f"`python benchmarks/decode.py --sections batch --batch-context {context} --tokens {args.tokens}`"
-                replace_section(f"decode-batch-{context}", f"{body}\n\nMachine: {machine()}. Command: {command}")
+            report(f"decode-batch-{context}", section_batch(model, context, args.tokens),
+                   f"{command} batch --batch-context {context} --tokens {args.tokens}", write)
     if "e2e" in sections:
-        body = section_e2e(model, args.questions, args.answer_tokens)
-        print(body)
-        if args.write_docs:
-            command = f"`python benchmarks/decode.py --sections e2e --questions {args.questions} --answer-tokens {args.answer_tokens}`"
-            replace_section("decode-e2e", f"{body}\n\nMachine: {machine()}. Command: {command}")
+        report("decode-e2e", section_e2e(model, args.questions, args.answer_tokens),
+               f"{command} e2e --questions {args.questions} --answer-tokens {args.answer_tokens}", write)
     if "memory" in sections:
-        body = section_memory(model, args.memory_context, args.tokens)
-        print(body)
-        if args.write_docs:
-            command = f"`python benchmarks/decode.py --sections memory --memory-context {args.memory_context} --tokens {args.tokens}`"
-            replace_section("decode-memory", f"{body}\n\nMachine: {machine()}. Command: {command}")
+        report("decode-memory", section_memory(model, args.memory_context, args.tokens),
+               f"{command} memory --memory-context {args.memory_context} --tokens {args.tokens}", write)
 
 
 if __name__ == "__main__":

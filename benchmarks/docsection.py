@@ -43,3 +43,10 @@ def replace_section(name: str, body: str, docs: Path = DOCS) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)
+
+
+def report(name: str, body: str, command: str, write_docs: bool, docs: Path = DOCS) -> None:
+    """Print a benchmark's table; with `write_docs`, put it in its section with the machine and command."""
+    print(body, flush=True)
+    if write_docs:
+        replace_section(name, f"{body}\n\nMachine: {machine()}. Command: `{command}`", docs)

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docsection import machine, musique_records, replace_section  # noqa: E402
+from docsection import musique_records, report  # noqa: E402
 
 from index.embedder import Embedder  # noqa: E402
 from kvchunks.backends.redis_process import RedisProcess  # noqa: E402
@@ -131,18 +131,12 @@ def main() -> None:
         passages = [{"id": f"{i}-{j}", "text": f"{c['title']}\n{c['text']}"}
                     for i, r in enumerate(records) for j, c in enumerate(r["ctxs"])][: args.passages]
         body = section_ingest(passages, [int(w) for w in args.workers.split(",")])
-        command = f"`python benchmarks/scale_out.py --sections ingest --passages {args.passages} --workers {args.workers}`"
-        _report("scale-out-ingest", body, command, args.write_docs)
+        command = f"python benchmarks/scale_out.py --sections ingest --passages {args.passages} --workers {args.workers}"
+        report("scale-out-ingest", body, command, args.write_docs, DOC)
     if "backend" in sections:
         body = section_backend(records, args.questions, args.repeats)
-        command = f"`python benchmarks/scale_out.py --sections backend --questions {args.questions} --repeats {args.repeats}`"
-        _report("scale-out-backend", body, command, args.write_docs)
-
-
-def _report(section: str, body: str, command: str, write_docs: bool) -> None:
-    print(body)
-    if write_docs:
-        replace_section(section, f"{body}\n\nMachine: {machine()}. Command: {command}", DOC)
+        command = f"python benchmarks/scale_out.py --sections backend --questions {args.questions} --repeats {args.repeats}"
+        report("scale-out-backend", body, command, args.write_docs, DOC)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Iterable
 
 from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
+from kvchunks.backends import BackendUnavailableError
 from kvchunks.chunking import validate_chunk_tokens
 from kvchunks.codecs import codec_for
 from ragblend.answer import Answer, AnswerStream
@@ -189,7 +191,10 @@ class RagBlend:
         """Wait for pending session saves, record KV uses, and stop background work."""
         if self._sessions is not None:
             self._sessions.close()
-        self.store.enforce_budget()
+        try:
+            self.store.enforce_budget()
+        except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints
+            warnings.warn(f"chunk KV use times not recorded: {exc}", RuntimeWarning, stacklevel=2)
 
     def __enter__(self) -> RagBlend:
         return self

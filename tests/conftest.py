@@ -52,6 +52,17 @@ def make_tiny_model_dir(root: Path, kind: str, tokenizer_dir: Path, seed: int = 
     return folder
 
 
+def chunk_records(rb) -> dict:
+    """Every chunk, KV and KV-metadata record of a RagBlend's store as raw bytes, whichever engine holds
+    them: what "the same store" means when two ingests are compared."""
+    found = {}
+    with rb.store.env.begin() as txn:
+        for name in (b"kv", b"kvmeta", b"chunks"):
+            with txn.cursor(db=rb.store.env.open_db(name, txn=txn)) as cursor:
+                found.update({(name, bytes(k)): bytes(v) for k, v in cursor})
+    return found
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, smollm_dir):
     cache: dict[tuple[str, int], LoadedModel] = {}

@@ -6,7 +6,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from conftest import make_tiny_model_dir  # noqa: E402
+from conftest import chunk_records, make_tiny_model_dir  # noqa: E402
 from ragblend import RagBlend  # noqa: E402
 from ragblend.cli import main  # noqa: E402
 from ragblend.storage.documents import coerce_document  # noqa: E402
@@ -27,16 +27,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def records(rb: RagBlend) -> dict:
-    """Every KV and chunk record, as raw bytes (document records also name their source file)."""
-    found = {}
-    with rb.store.env.begin() as txn:
-        for name in (b"kv", b"kvmeta", b"chunks"):
-            with txn.cursor(db=rb.store.env.open_db(name, txn=txn)) as cursor:
-                found.update({(name, bytes(k)): bytes(v) for k, v in cursor})
-    return found
-
-
 def test_ray_ingest_writes_the_same_bytes_as_a_local_one(model_dir, embedder, tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(f'{{"id": "{d["id"]}", "text": "{d["text"]}"}}\n' for d in DOCS))
     main(["ingest", str(tmp_path / "docs.jsonl"), "--store", str(tmp_path / "ray"), "--model", str(model_dir),
@@ -44,8 +34,8 @@ def test_ray_ingest_writes_the_same_bytes_as_a_local_one(model_dir, embedder, tm
     with RagBlend(tmp_path / "local", model=model_dir, embedder=embedder, chunk_tokens=32) as local, \
             RagBlend(tmp_path / "ray", model=model_dir, embedder=embedder) as distributed:
         local.add_documents(DOCS)
-        assert records(distributed) == records(local)
-        assert len([k for k in records(local) if k[0] == b"kvmeta"]) > len(DOCS)  # several chunks per document
+        assert chunk_records(distributed) == chunk_records(local)
+        assert len([k for k in chunk_records(local) if k[0] == b"kvmeta"]) > len(DOCS)  # several chunks per document
 
 
 def test_a_killed_worker_is_restarted_and_its_chunks_computed(model_dir, embedder, tmp_path):
@@ -76,5 +66,5 @@ def test_ray_actors_write_kv_straight_into_a_shared_backend_the_same_bytes(model
         with RagBlend(tmp_path / "local", model=model_dir, embedder=embedder, chunk_tokens=32) as local, \
                 RagBlend(tmp_path / "replica", model=model_dir, embedder=embedder, kv_backend=server.url) as shared:
             local.add_documents(DOCS)
-            assert records(shared) == records(local)
+            assert chunk_records(shared) == chunk_records(local)
             assert shared.store.check() == [] and shared.stats().kv_bytes == local.stats().kv_bytes

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("redis", reason="the redis extra is not installed")
 
-from conftest import make_tiny_model_dir  # noqa: E402
+from conftest import chunk_records, make_tiny_model_dir  # noqa: E402
 from kvchunks.backends import BackendUnavailableError  # noqa: E402
 from kvchunks.backends.redis_process import RedisProcess, redis_server_binary  # noqa: E402
 from ragblend.api import RagBlend  # noqa: E402
@@ -53,16 +53,6 @@ def ingest_in_another_process(model_dir, folder, url: str, docs: list[dict]) -> 
     subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, timeout=300)
 
 
-def records(rb: RagBlend) -> dict:
-    """Every chunk, KV and KV-metadata record as raw bytes, whichever engine holds them."""
-    found = {}
-    with rb.store.env.begin() as txn:
-        for name in (b"kv", b"kvmeta", b"chunks"):
-            with txn.cursor(db=rb.store.env.open_db(name, txn=txn)) as cursor:
-                found.update({(name, bytes(k)): bytes(v) for k, v in cursor})
-    return found
-
-
 def test_a_replica_with_an_empty_folder_answers_from_another_processs_ingest_with_no_recompute(
         model_dir, embedder, server, tmp_path):
     ingest_in_another_process(model_dir, tmp_path / "writer", server.url, DOCS)
@@ -72,7 +62,7 @@ def test_a_replica_with_an_empty_folder_answers_from_another_processs_ingest_wit
         assert answer.chunks[0].doc_id == "river"
         with RagBlend(tmp_path / "lmdb", model=model_dir, embedder=embedder, chunk_tokens=32) as local:
             local.add_documents(DOCS)
-            assert records(rb) == records(local)  # one record format on both engines
+            assert chunk_records(rb) == chunk_records(local)  # one record format on both engines
             assert rb.query(QUESTION, top_k=3, max_new_tokens=6).text == local.query(QUESTION, top_k=3,
                                                                                       max_new_tokens=6).text
         assert rb.store.check() == []
@@ -101,13 +91,17 @@ def test_a_query_completes_while_the_backend_is_down_and_hits_again_once_it_is_b
         server.start()
         back = rb.query(QUESTION, contexts=PASSAGES, max_new_tokens=6)
         assert back.timings["kv_hits"] == len(expected.chunks) and back.text == expected.text
+        server.stop()
+        with pytest.warns(RuntimeWarning, match="not recorded"):
+            rb.close()  # closing while the backend is down loses only LRU hints, and says so
+        server.start()
 
 
 def test_restarting_the_backend_while_queries_run_loses_no_answer_and_no_record(
         model_dir, embedder, server, tmp_path):
     with replica(tmp_path / "a", model_dir, embedder, server) as rb:
         rb.add_documents(DOCS)
-        before = records(rb)
+        before = chunk_records(rb)
         expected = rb.query(QUESTION, max_new_tokens=6).text
         answers, errors = [], []
 
@@ -124,7 +118,7 @@ def test_restarting_the_backend_while_queries_run_loses_no_answer_and_no_record(
         server.restart()
         asker.join()
         assert errors == [] and answers == [expected] * 12
-        assert records(rb) == before and rb.store.check() == []
+        assert chunk_records(rb) == before and rb.store.check() == []
 
 
 def test_a_backend_that_is_down_at_start_is_a_clear_error_naming_its_url(model_dir, embedder, server, tmp_path, capsys):
