@@ -1,4 +1,4 @@
-"""Document and chunk records in LMDB: the source of truth the FAISS index is derived from.
+"""Document and chunk records in the store's engine: the source of truth the FAISS index is derived from.
 
 A chunk is shared by every document that contains the same tokens; `refs` lists (doc_id, position)
 pairs, and a chunk with no refs left is garbage. Embeddings are kept so the vector index can be

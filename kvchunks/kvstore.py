@@ -1,4 +1,5 @@
-"""Per-chunk KV records in LMDB: one record per (chunk, layer) of raw fp16 bytes, plus one metadata record.
+"""Per-chunk KV records in the store's engine (LMDB or Redis, same bytes): one record per (chunk, layer) of
+encoded KV, plus one metadata record.
 
 One record per layer is what lets the online path stream a context in layer by layer. Every key
 starts with the KV fingerprint (model weights + prompt prefix), so KV of another model is never served.

@@ -1,4 +1,5 @@
-"""Where conversations live: one record per session in LMDB, one KV segment per turn on disk and in RAM.
+"""Where conversations live: one record per session in the store (LMDB or a shared Redis), one KV segment
+per turn there and in RAM.
 
 A segment is a turn's new tokens (its chunks after fusion, the question, the answer and the joint to the
 next user turn) with their KV, keys pre-RoPE, in the same record format as document chunks. Segments

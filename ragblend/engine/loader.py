@@ -22,7 +22,7 @@ from ragblend.engine.decode_cache import with_spare_rows
 
 WARM_LAYERS = 4  # layers of every stored source asked for at once (round trips to a shared backend)
 
-# Stored KV is read through zero-copy views of LMDB's read-only pages; it is only ever copied from.
+# Stored KV is read through zero-copy views (of LMDB's read-only pages, or Redis replies); only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 

@@ -1,6 +1,7 @@
-"""A store folder: one LMDB environment (documents, chunks, embeddings, KV) and the FAISS index derived from it.
+"""A store: one engine (an LMDB folder, or a Redis/Valkey server shared by replicas; kvchunks.backends)
+holding documents, chunks, embeddings and KV, and the FAISS index derived from it.
 
-LMDB is the source of truth and commits atomically; the FAISS file is rebuilt from the stored
+The engine is the source of truth and commits atomically; the FAISS file is rebuilt from the stored
 embeddings whenever it is missing or older than the last commit, so a crash between the two is harmless.
 """
 from __future__ import annotations
