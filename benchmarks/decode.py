@@ -12,6 +12,8 @@ batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) co
        (so a busy machine slows them alike): step time, per-request latency, aggregate throughput,
        against one request at a time on transformers' forward (the decode before batching).
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
+llamacpp: one request's decode step against llama.cpp's llama-cli (--llama-cli PATH, built by you)
+          on the bundled Q4_1 GGUF, at each --batch-context, fp32 and int8 decode weights.
 e2e: a 32-token blend answer over 10 MuSiQue passages, decoded the way before issue 15 and today's way
      from the same prefill (--questions of them; e2e is not in the default sections).
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +42,7 @@ from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E40
 from ragblend.eval.metrics import best_f1  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
-from ragblend.engine.model import load_model, with_int8_decode  # noqa: E402
+from ragblend.engine.model import _gguf_path, load_model, with_int8_decode  # noqa: E402
 
 
 def step_ms(model, cache, start: int, tokens: int) -> float:
@@ -198,6 +202,49 @@ def section_e2e(model, questions: int, answer_tokens: int) -> str:
             f"End to end now / before: {(ttft + new) / (ttft + old):.2f}x; decode alone {new / old:.2f}x.")
 
 
+def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: int = 2) -> float:
+    """llama.cpp's own decode timing ("eval time ... ms per token") after a `context`-token prompt of
+    MuSiQue text, median over `runs`."""
+    records = musique_records() or []
+    text = "\n".join(f"{c['title']}\n{c['text']}" for r in records[:5] for c in r["ctxs"])
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][: context - 10]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as prompt:
+        prompt.write(model.tokenizer.decode(ids))
+        prompt.flush()
+        times = []
+        for _ in range(runs):
+            done = subprocess.run([binary, "-m", str(_gguf_path()), "-f", prompt.name, "-n", str(tokens), "-c", "8192",
+                                   "-t", str(torch.get_num_threads()), "--ignore-eos", "-no-cnv", "--temp", "0"],
+                                  check=True, capture_output=True, text=True)
+            line = next(x for x in done.stderr.splitlines() if " eval time" in x and "prompt" not in x)
+            times.append(float(re.search(r"\(\s*([\d.]+) ms per token", line).group(1)))
+    return statistics.median(times)
+
+
+def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> str:
+    """One request's decode step against llama.cpp's `llama-cli` (a binary the caller built; nothing of
+    llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run."""
+    int8 = with_int8_decode(model)
+    rows = []
+    for context in contexts:
+        llama = llama_cpp_ms_per_token(binary, model, context, tokens)
+        ours = {}
+        for name, weights in (("fp32", model), ("int8", int8)):
+            sequence = Sequence(weights, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
+            timed_steps(weights, [sequence], 4, True)  # packs the weights
+            ours[name] = statistics.median(timed_steps(weights, [sequence], tokens, True)) * 1e3
+        rows.append(f"| {context:,} | {llama:.1f} ms | {ours['fp32']:.1f} ms ({ours['fp32'] / llama:.2f}x) | "
+                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) |")
+        print(rows[-1], flush=True)
+    return "\n".join([
+        f"One request's decode step after a prompt of the given length, {tokens} tokens, {torch.get_num_threads()} "
+        "threads each, same machine, one run (llama.cpp: its own eval timing, median of 2 runs; ragblend: median "
+        "step). llama.cpp reads the bundled Q4_1 weights (~92 MB) and an fp16 cache; ragblend fp32 weights "
+        "(540 MB) or int8 decode weights, and an fp32 cache.", "",
+        "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights |",
+        "|---|---|---|---|", *rows])
+
+
 def rss_mb(field: str) -> float:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(status[field].split()[0]) / 1024
@@ -228,6 +275,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=24)
     parser.add_argument("--batch-context", default="2000", help="contexts per request, e.g. 2000,5500")
     parser.add_argument("--answer-tokens", type=int, default=32, help="e2e: tokens per answer")
+    parser.add_argument("--llama-cli", help="llamacpp: path to llama.cpp's llama-cli binary")
     parser.add_argument("--memory-context", type=int, default=7000)
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
@@ -246,6 +294,12 @@ def main() -> None:
     if "e2e" in sections:
         report("decode-e2e", section_e2e(model, args.questions, args.answer_tokens),
                f"{command} e2e --questions {args.questions} --answer-tokens {args.answer_tokens}", write)
+    if "llamacpp" in sections:
+        if not args.llama_cli:
+            raise SystemExit("the llamacpp section needs --llama-cli PATH (llama.cpp's llama-cli, built by you)")
+        contexts = [int(c) for c in args.batch_context.split(",")]
+        report("decode-llamacpp", section_llamacpp(model, args.llama_cli, contexts, args.tokens),
+               f"{command} llamacpp --llama-cli PATH --batch-context {args.batch_context} --tokens {args.tokens}", write)
     if "memory" in sections:
         report("decode-memory", section_memory(model, args.memory_context, args.tokens),
                f"{command} memory --memory-context {args.memory_context} --tokens {args.tokens}", write)
