@@ -63,9 +63,8 @@ def store_contents(path: Path) -> dict:
         db = env.open_db(name, create=False)
         with env.begin(db=db) as txn:
             contents[name] = {bytes(k): bytes(v) for k, v in txn.cursor()}
-    for name in ("index.faiss", "index.generation"):
-        file = path / name
-        contents[name] = file.read_bytes() if file.is_file() else None
+    for file in sorted(path.glob("index-*.faiss")):
+        contents[file.name] = file.read_bytes()
     return contents
 
 

@@ -7,7 +7,6 @@ embeddings whenever it is missing or older than the last commit, so a crash betw
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,13 +165,10 @@ class Store:
 
     # ---- the derived vector index -------------------------------------------------------------
 
-    @property
-    def _index_path(self) -> Path:
-        return self.path / "index.faiss"
-
-    @property
-    def _generation_path(self) -> Path:
-        return self.path / "index.generation"
+    def _index_path(self, generation: int) -> Path:
+        """The saved index of one generation: the name says what it holds, so processes saving different
+        generations at once never pair one's file with the other's generation."""
+        return self.path / f"index-{generation}.faiss"
 
     def generation(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(b"generation", db=self.meta_db)
@@ -205,12 +201,11 @@ class Store:
     def _load_or_rebuild_index(self, generation: int) -> None:
         """A replica of a shared backend keeps its index in memory only: a saved file could be another
         backend's."""
-        saved = -1
-        if not self.env.shared and self._generation_path.is_file():
-            saved = int(self._generation_path.read_text())
-        if saved == generation and self._index_path.is_file():
-            self._index, self._index_generation = VectorIndex.load(self._index_path), generation
-        else:
+        try:
+            if self.env.shared:
+                raise FileNotFoundError("a shared backend's index is never saved")
+            self._index, self._index_generation = VectorIndex.load(self._index_path(generation)), generation
+        except FileNotFoundError:  # never saved, or a newer generation's save removed it meanwhile
             self.rebuild_index()
 
     def update_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
@@ -263,10 +258,10 @@ class Store:
     def save_index(self, generation: int) -> None:
         if self.readonly or self.env.shared:
             return
-        self._index.save(self._index_path)
-        tmp = self._generation_path.with_suffix(".tmp")
-        tmp.write_text(str(generation))
-        os.replace(tmp, self._generation_path)
+        self._index.save(self._index_path(generation))
+        for old in self.path.glob("index-*.faiss"):
+            if int(old.stem.removeprefix("index-")) < generation:
+                old.unlink(missing_ok=True)
 
     # ---- reporting ------------------------------------------------------------------------------
 
