@@ -206,6 +206,7 @@ class KVStore:
         if meta is None:
             return [f"chunk {chunk_id}: no KV metadata"]
         problems = []
+        self.warm(txn, [chunk_id], range(meta.layers))
         for layer, expected in enumerate(meta.crc32):
             raw = txn.get(self._layer_key(chunk_id, layer), db=self.kv_db)
             if raw is None or len(raw) != meta.layer_bytes or zlib.crc32(raw) != expected:
