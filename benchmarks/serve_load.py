@@ -1,6 +1,7 @@
 """`ragblend serve` under load, measured from clients over HTTP against a real server process.
 
-    python benchmarks/serve_load.py [--sections load,prefetch] [--clients 1,4,16] [--duration 45] [--write-docs]
+    python benchmarks/serve_load.py [--sections load,prefetch] [--clients 1,4,16] [--duration 45]
+                                    [--max-batch 1,4] [--write-docs]
 
 load: N concurrent clients for a fixed time, each sending a mix of one-shot RAG questions and
       three-turn sessions (streamed): throughput, p50/p95 TTFT as the client sees it (queueing
@@ -91,9 +92,25 @@ def _client(server: ServerProcess, questions: list[str], deadline: float, seed: 
                     time.sleep(1)
 
 
-def section_load(store: Path, questions: list[str], levels: list[int], duration_s: float) -> str:
+def section_load(store: Path, questions: list[str], levels: list[int], duration_s: float, batches: list[int]) -> str:
     rows = []
-    with ServerProcess(store, "--max-queue", "64") as server:
+    for batch in batches:
+        rows += _load_levels(store, questions, levels, duration_s, batch)
+    lines = [f"{duration_s:.0f} s per level; every client alternates at random between a one-shot RAG question "
+             f"(top 2 of {RECORDS * 10} MuSiQue passages, 256-token chunks, blend) and a three-turn session; "
+             f"streamed, {MAX_TOKENS} new tokens; TTFT measured by the client (queueing included). `--max-batch`: "
+             "requests answered at once (1: one after another; more: their decode steps batched).", "",
+             "| --max-batch | clients | answers | answers/s | TTFT p50 | TTFT p95 | latency p50 | errors | 429s | server RSS (peak) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for batch, c, n, rate, p50, p95, lat, errors, busy, rss, peak in rows:
+        lines.append(f"| {batch} | {c} | {n} | {rate:.2f} | {p50:.2f} s | {p95:.2f} s | {lat:.2f} s | {errors} | {busy} | "
+                     f"{rss / 1e6:,.0f} MB ({peak / 1e6:,.0f} MB) |")
+    return "\n".join(lines)
+
+
+def _load_levels(store: Path, questions: list[str], levels: list[int], duration_s: float, batch: int) -> list[tuple]:
+    rows = []
+    with ServerProcess(store, "--max-queue", "64", "--max-batch", str(batch)) as server:
         with server.client() as http:  # warm-up: first request pays lazy initialisation
             ask(http, [{"role": "user", "content": questions[0]}])
         for clients in levels:
@@ -110,20 +127,12 @@ def section_load(store: Path, questions: list[str], levels: list[int], duration_
             ok = [r for r in results if r["status"] == 200]
             ttfts = sorted(r["ttft_s"] for r in ok if r["ttft_s"] is not None)
             rss, peak = server.rss_bytes()
-            rows.append((clients, len(ok), len(ok) / wall, statistics.median(ttfts), ttfts[int(0.95 * (len(ttfts) - 1))],
+            rows.append((batch, clients, len(ok), len(ok) / wall, statistics.median(ttfts), ttfts[int(0.95 * (len(ttfts) - 1))],
                          statistics.median(r["latency_s"] for r in ok),
                          sum(r["status"] not in (200, 429) for r in results), sum(r["status"] == 429 for r in results),
                          rss, peak))
             print(rows[-1], flush=True)
-    lines = [f"{duration_s:.0f} s per level; every client alternates at random between a one-shot RAG question "
-             f"(top 2 of {RECORDS * 10} MuSiQue passages, 256-token chunks, blend) and a three-turn session; "
-             f"streamed, {MAX_TOKENS} new tokens; TTFT measured by the client (queueing included).", "",
-             "| clients | answers | answers/s | TTFT p50 | TTFT p95 | latency p50 | errors | 429s | server RSS (peak) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c, n, rate, p50, p95, lat, errors, busy, rss, peak in rows:
-        lines.append(f"| {c} | {n} | {rate:.2f} | {p50:.2f} s | {p95:.2f} s | {lat:.2f} s | {errors} | {busy} | "
-                     f"{rss / 1e6:,.0f} MB ({peak / 1e6:,.0f} MB) |")
-    return "\n".join(lines)
+    return rows
 
 
 def _prefetch_run(base: Path, questions: list[str], prefetch: bool, sessions: int, turns: int,
@@ -178,6 +187,7 @@ def main() -> None:
     parser.add_argument("--sections", default="load,prefetch")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--duration", type=float, default=45.0, help="seconds per load level")
+    parser.add_argument("--max-batch", default="1,4", help="load: server --max-batch values, side by side")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     records = musique_records()
@@ -187,9 +197,11 @@ def main() -> None:
         base = Path(tmp) / "store"
         questions = build_store(base, records[:RECORDS])
         sections = args.sections.split(",")
-        command = f"`python benchmarks/serve_load.py --sections {{}} --clients {args.clients} --duration {args.duration:.0f}`"
+        command = (f"`python benchmarks/serve_load.py --sections {{}} --clients {args.clients} --duration {args.duration:.0f} "
+                   f"--max-batch {args.max_batch}`")
         if "load" in sections:
-            body = section_load(base, questions, [int(c) for c in args.clients.split(",")], args.duration)
+            body = section_load(base, questions, [int(c) for c in args.clients.split(",")], args.duration,
+                                [int(b) for b in args.max_batch.split(",")])
             if args.write_docs:
                 replace_section("serve-load", f"{body}\n\nMachine: {machine()}. Command: {command.format('load')}")
         if "prefetch" in sections:
