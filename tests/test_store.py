@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from index.docstore import vector_id
+from kvchunks.backends.lmdb_env import LmdbEnv
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV
 from ragblend.api import RagBlend
@@ -135,7 +136,7 @@ def rb(tmp_path, tiny_model, embedder):
 
 
 def test_kv_round_trips_through_lmdb_as_fp16(tmp_path):
-    env = lmdb.open(str(tmp_path), max_dbs=8, map_size=1 << 30)
+    env = LmdbEnv(tmp_path, readonly=False)  # the engine a store folder uses
     store = KVStore(env, "fingerprint")
     torch.manual_seed(0)
     kv = ChunkKV(torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8))
@@ -147,7 +148,7 @@ def test_kv_round_trips_through_lmdb_as_fp16(tmp_path):
 
 
 def test_each_layer_is_one_record_of_raw_fp16_keys_then_values_with_a_checksum(tmp_path):
-    env = lmdb.open(str(tmp_path), max_dbs=8, map_size=1 << 30)
+    env = LmdbEnv(tmp_path, readonly=False)  # the engine a store folder uses
     store = KVStore(env, "fingerprint")
     kv = ChunkKV(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))
     with env.begin(write=True) as txn:
