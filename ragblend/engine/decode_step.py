@@ -37,7 +37,7 @@ def fused_linear(modules: list[torch.nn.Module]) -> Linear:
 
         def packed_linear(x: torch.Tensor) -> torch.Tensor:
             # oneDNN takes another kernel for a single row (its sums differ in the last bits): run it as two
-            rows = x if len(x) > 1 else x.repeat(2, 1)
+            rows = x if len(x) > 1 else x.expand(2, -1)
             return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")[:len(x)]
 
         return packed_linear
