@@ -63,6 +63,15 @@ def _layer_of(meta_key: bytes, layer: int) -> bytes:
     return meta_key + f"/{layer:04d}".encode()
 
 
+def _float32_arrays(kv: ChunkKV) -> tuple[np.ndarray, np.ndarray]:
+    return kv.keys.to(torch.float32).cpu().numpy(), kv.values.to(torch.float32).cpu().numpy()
+
+
+def _stacked(pairs: list[tuple[np.ndarray, np.ndarray]]) -> ChunkKV:
+    """Per-layer (K, V) arrays as one ChunkKV (copied out of any store buffer)."""
+    return ChunkKV(torch.from_numpy(np.stack([k for k, _ in pairs])), torch.from_numpy(np.stack([v for _, v in pairs])))
+
+
 class KVStore:
     """`family` names the pair of databases: "kv" for document chunks, "session" for conversation turns;
     both hold the same record format, so every reader and writer serves both."""
@@ -93,8 +102,7 @@ class KVStore:
 
     def put(self, txn: lmdb.Transaction, chunk_id: str, kv: ChunkKV) -> int:
         """Write all layers and the metadata inside the caller's transaction; returns payload bytes."""
-        keys = kv.keys.to(torch.float32).cpu().numpy()
-        values = kv.values.to(torch.float32).cpu().numpy()
+        keys, values = _float32_arrays(kv)
         checksums, total = [], 0
         for layer, (k, v) in enumerate(zip(keys, values)):
             payload = self.codec.encode(k, v)
@@ -111,11 +119,8 @@ class KVStore:
 
     def as_stored(self, kv: ChunkKV) -> ChunkKV:
         """`kv` as a load of it would return it (the codec's rounding), without storing it."""
-        keys = kv.keys.to(torch.float32).cpu().numpy()
-        values = kv.values.to(torch.float32).cpu().numpy()
-        shape = keys.shape[1:]
-        pairs = [self.codec.decode(self.codec.encode(k, v), shape) for k, v in zip(keys, values)]
-        return ChunkKV(torch.from_numpy(np.stack([k for k, _ in pairs])), torch.from_numpy(np.stack([v for _, v in pairs])))
+        keys, values = _float32_arrays(kv)
+        return _stacked([self.codec.decode(self.codec.encode(k, v), keys.shape[1:]) for k, v in zip(keys, values)])
 
     def payload_bytes(self, txn: lmdb.Transaction) -> int:
         """Payload bytes of this fingerprint's records: a running total, not a scan."""
@@ -167,10 +172,7 @@ class KVStore:
             meta = self.meta(txn, chunk_id)
             if meta is None:
                 raise KeyError(f"no KV stored for chunk {chunk_id}")
-            pairs = [self.read_layer(txn, chunk_id, layer, meta) for layer in range(meta.layers)]
-            keys = torch.from_numpy(np.stack([k for k, _ in pairs]))
-            values = torch.from_numpy(np.stack([v for _, v in pairs]))
-        return ChunkKV(keys, values)
+            return _stacked([self.read_layer(txn, chunk_id, layer, meta) for layer in range(meta.layers)])
 
     def chunk_ids(self, txn: lmdb.Transaction) -> list[str]:
         skip = len(self.fingerprint) + 1

@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvchunks.backends.errors import BackendUnavailableError, StoreFullError
@@ -99,9 +100,13 @@ class RedisEnv:
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
 
-    def translated(self, doing: str):
+    @contextmanager
+    def translated(self, doing: str) -> Iterator[None]:
         """Connection failures as BackendUnavailableError naming the URL."""
-        return _Translate(self, doing)
+        try:
+            yield
+        except self._errors as exc:
+            raise BackendUnavailableError(f"cannot {doing} the KV backend at {self.url}: {exc}") from exc
 
     def _check_eviction_policy(self) -> None:
         """Refuse a server that may evict any key: documents and chunks must never vanish behind the index."""
@@ -204,19 +209,6 @@ class RedisEnv:
     def close(self) -> None:
         self._closed.set()
         self.client.close()
-
-
-class _Translate:
-    def __init__(self, env: RedisEnv, doing: str):
-        self.env, self.doing = env, doing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is not None and isinstance(exc, self.env._errors):
-            raise BackendUnavailableError(f"cannot {self.doing} the KV backend at {self.env.url}: {exc}") from exc
-        return False
 
 
 class RedisTxn:

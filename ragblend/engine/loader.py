@@ -59,22 +59,19 @@ class LayerLoader:
                 missing = [s.key for s, meta in self._metas.items() if meta is None]
                 if missing:
                     raise KeyError(f"no KV stored for {missing}")
+                by_store: dict[int, tuple] = {}  # stored chunks grouped by the store that holds them
+                for source in self._metas:
+                    by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
                 for layer in range(self.num_layers):
                     start = time.perf_counter()
                     if layer % WARM_LAYERS == 0:
-                        self._warm(txn, range(layer, min(layer + WARM_LAYERS, self.num_layers)))
+                        for store, keys in by_store.values():
+                            store.warm(txn, keys, range(layer, min(layer + WARM_LAYERS, self.num_layers)))
                     item = self._load_layer(txn, layer)
                     self.stats.busy_s += time.perf_counter() - start
                     self._queue.put(item)
         except BaseException as exc:  # surfaced to the engine thread by get()
             self._queue.put(exc)
-
-    def _warm(self, txn: lmdb.Transaction, layers: range) -> None:
-        by_store: dict[int, tuple] = {}
-        for source in self._metas:
-            by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
-        for store, keys in by_store.values():
-            store.warm(txn, keys, layers)
 
     def _layer_of(self, txn: lmdb.Transaction, source: KVSource, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(source, ChunkKV):

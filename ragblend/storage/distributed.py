@@ -3,8 +3,9 @@
 Chunking, embedding and document commits stay on the driver; each actor loads the model once and
 computes the KV of whole length-groups of chunks, the same groups a local ingest computes, so the stored
 records are the same bytes. With LMDB the actors send KV back and the driver writes it; with a shared
-backend (redis://) each actor commits its groups' KV records there itself, and only chunk ids travel. An actor that dies is restarted by Ray and its group is computed again (Ray retries the
-call), so a failed worker loses no chunk. `address=None` starts a local Ray cluster.
+backend (redis://) each actor commits its groups' KV records there itself, and only chunk ids travel.
+An actor that dies is restarted by Ray and its group is computed again (Ray retries the call), so a
+failed worker loses no chunk. `address=None` starts a local Ray cluster.
 """
 from __future__ import annotations
 

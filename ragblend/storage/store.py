@@ -201,12 +201,13 @@ class Store:
     def _load_or_rebuild_index(self, generation: int) -> None:
         """A replica of a shared backend keeps its index in memory only: a saved file could be another
         backend's."""
-        try:
-            if self.env.shared:
-                raise FileNotFoundError("a shared backend's index is never saved")
-            self._index, self._index_generation = VectorIndex.load(self._index_path(generation)), generation
-        except FileNotFoundError:  # never saved, or a newer generation's save removed it meanwhile
-            self.rebuild_index()
+        if not self.env.shared:
+            try:
+                self._index, self._index_generation = VectorIndex.load(self._index_path(generation)), generation
+                return
+            except FileNotFoundError:  # never saved, or a newer generation's save removed it meanwhile
+                pass
+        self.rebuild_index()
 
     def update_index(self, live: list[str], vectors: list[np.ndarray], dead: list[str], generation: int) -> None:
         """Apply one commit's changes to the index; a process that missed other commits rebuilds instead."""
