@@ -21,6 +21,7 @@ TINY_CONFIGS = {
     "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2),
     "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
     "llama3_rope": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 512}),

@@ -58,7 +58,7 @@ def stop_inside(model, length: int, seed: int) -> str:
     return text[len(text) // 2:len(text) // 2 + 3]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_mha", "qwen2", "llama3_rope"])
+@pytest.mark.parametrize("kind", ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"])
 def test_a_step_is_the_models_own_forward(tiny_model_factory, kind):
     model = tiny_model_factory(kind)
     ours, ours_logits = prompt(model, 37, seed=1)

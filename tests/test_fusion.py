@@ -18,7 +18,7 @@ PASSAGES = [
     "Kessel is famous for its glass markets. Its mayor in 1850 was Tomas Reh.",
 ]
 QUESTION = "Which city did the builder of the Varn lighthouse move to?"
-KINDS = ["llama", "llama_mha", "qwen2", "llama3_rope"]
+KINDS = ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"]
 
 
 @pytest.fixture(scope="module")

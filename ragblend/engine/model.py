@@ -84,7 +84,13 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 2048))
+        """The longest prompt served: the model's window, or its sliding window where one is set
+        (Mistral-style): row attention sees every earlier key, which is exact only within the window."""
+        positions = int(getattr(self.config, "max_position_embeddings", 2048))
+        window = getattr(self.config, "sliding_window", None)
+        if window and getattr(self.config, "use_sliding_window", True):
+            positions = min(positions, int(window))
+        return positions
 
 
 @contextmanager
@@ -158,6 +164,32 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:32]
 
 
+class UnsupportedModelError(ValueError):
+    """A causal LM whose layers the fused path would run wrongly (and silently) if it were accepted."""
+
+
+LLAMA_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+FOREIGN_LAYER_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma's sandwich norms
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Fusion, precompute and decode run Llama-shaped layers (Llama, Mistral, Qwen2, SmolLM families):
+    one RoPE for every layer, full causal attention, a norm before attention and one before the MLP."""
+    name = type(model).__name__
+    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise UnsupportedModelError(
+            f"{name} mixes attention layer types {sorted(layer_types)}; ragblend supports full-attention "
+            "Llama-shaped models (Llama, Mistral, Qwen2, SmolLM)")
+    layer = model.base_model.layers[0]
+    missing = [part for part in LLAMA_LAYER_PARTS if not hasattr(layer, part)]
+    foreign = [part for part in FOREIGN_LAYER_PARTS if hasattr(layer, part)]
+    if missing or foreign:
+        raise UnsupportedModelError(
+            f"{name}'s decoder layers are not Llama-shaped (missing {missing}, extra {foreign}); ragblend "
+            "supports Llama, Mistral, Qwen2 and SmolLM families")
+
+
 def load_model(spec: str | Path | None = None, device: str | None = None) -> LoadedModel:
     """Load the default model (spec None) or a local Hugging Face causal-LM folder; never downloads."""
     path = default_model_path() if spec is None else Path(spec).expanduser()
@@ -169,6 +201,7 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=compute_dtype(target, stored_dtype), attn_implementation=ROWS_ATTENTION, local_files_only=True
         ).to(target)
+    check_supported(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     name = DEFAULT_MODEL if spec is None else path.name
