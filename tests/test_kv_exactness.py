@@ -21,7 +21,7 @@ from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
 from ragblend.engine.model import LoadedModel, load_model
 
-KINDS = ["llama", "llama_mha", "qwen2", "llama3_rope"]
+KINDS = ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"]
 
 # Long enough for three chunks of at most 24 tokens, so later chunks are checked too.
 DOCUMENT = (
