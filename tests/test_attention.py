@@ -26,10 +26,9 @@ def reference(query, key, value, rows, scale=None):
     torch.arange(0, 48),  # every row
     torch.tensor([0, 47]),
 ], ids=["scattered", "tail", "all", "ends"])
-@pytest.mark.parametrize("block,span", [(2, 512), (256, 512), (256, 8)], ids=["few-rows", "one-block", "short-span"])
-def test_rows_attend_exactly_as_a_causal_mask_on_original_positions(rows, block, span, monkeypatch):
+@pytest.mark.parametrize("block", [2, 256])
+def test_rows_attend_exactly_as_a_causal_mask_on_original_positions(rows, block, monkeypatch):
     monkeypatch.setattr(attention, "ROW_BLOCK", block)
-    monkeypatch.setattr(attention, "BLOCK_SPAN", span)
     torch.manual_seed(0)
     query = torch.randn(1, 6, len(rows), 16)
     key, value = torch.randn(1, 2, int(rows[-1]) + 1, 16), torch.randn(1, 2, int(rows[-1]) + 1, 16)

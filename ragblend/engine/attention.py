@@ -5,10 +5,7 @@ the question in blend). A row at position p sees keys 0..p. One masked SDPA call
 costs the CPU kernel every masked-out key, and transformers repeats grouped K/V heads for every
 masked call. Here rows go in blocks: keys before a block's first row are visible to all of its rows
 (one unmasked call), only the block's own span needs a mask, and the two partial results are merged
-by their log-sum-exp. A block ends at ROW_BLOCK rows or BLOCK_SPAN positions, whichever comes first:
-the masked span costs about half of rows x span wasted pairs, so for scattered rows (blend's ~15%)
-the span, not the row count, is what must stay short. Grouped query heads are folded into query
-rows, so K/V are never repeated.
+by their log-sum-exp. Grouped query heads are folded into query rows, so K/V are never repeated.
 
 Registered as the attention implementation "ragblend_rows": without `rows` (decode, full prefill,
 precompute) it is plain sdpa, masks included; off the CPU it is one masked sdpa call.
@@ -22,8 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "ragblend_rows"
-ROW_BLOCK = 256  # most rows per block: large keeps calls few
-BLOCK_SPAN = 512  # most prompt positions a block's rows spread over: short keeps the masked waste low
+ROW_BLOCK = 256  # rows per block: small keeps the masked span short, large keeps calls few
 
 
 def causal_rows_mask(rows: torch.Tensor, keys_start: int, keys_end: int) -> torch.Tensor:
@@ -39,26 +35,16 @@ class RowPlan:
         self.rows = rows
         self.contiguous = int(rows[-1]) - int(rows[0]) + 1 == len(rows)
         self._masks: dict[tuple, torch.Tensor] = {}
-        self._blocks: list[tuple[int, int]] | None = None
-
-    def blocks(self) -> list[tuple[int, int]]:
-        """[start, end) indices into `rows`: at most ROW_BLOCK rows within BLOCK_SPAN positions each."""
-        if self._blocks is None:
-            windows = torch.arange(0, int(self.rows[-1]) + BLOCK_SPAN + 1, BLOCK_SPAN, device=self.rows.device)
-            edges = torch.searchsorted(self.rows, windows).unique_consecutive().tolist()
-            self._blocks = [(start, min(start + ROW_BLOCK, end)) for first, end in zip(edges, edges[1:])
-                            for start in range(first, end, ROW_BLOCK)]
-        return self._blocks
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def block_mask(self, start: int, end: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask of the block rows[start:end] over its own span of keys, each row repeated
+    def block_mask(self, start: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask of the block of rows from `start` over its own span of keys, each row repeated
         for the `group` query heads folded into it: [1, 1, group * block, span]."""
         key = (start, group, dtype)
         if key not in self._masks:
-            block = self.rows[start:end]
+            block = self.rows[start:start + ROW_BLOCK]
             visible = causal_rows_mask(block, int(block[0]), int(block[-1]) + 1).repeat(group, 1)
             mask = torch.zeros(visible.shape, dtype=dtype, device=block.device).masked_fill(~visible, float("-inf"))
             self._masks[key] = mask[None, None]
@@ -110,20 +96,20 @@ def _tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: RowPlan,
                        scaling: float | None) -> torch.Tensor:
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    _, heads, _, dim = query.shape
+    _, heads, count, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(query)
-    for start, stop in plan.blocks():
-        block = plan.rows[start:stop]
+    for start in range(0, count, ROW_BLOCK):
+        block = plan.rows[start:start + ROW_BLOCK]
         first, end = int(block[0]), int(block[-1]) + 1
         # head h reads kv head h // group: fold each group's heads into rows of its kv head
-        folded = query[:, :, start:stop].reshape(1, kv_heads, group * len(block), dim)
-        mask = plan.block_mask(start, stop, group, query.dtype)
+        folded = query[:, :, start:start + len(block)].reshape(1, kv_heads, group * len(block), dim)
+        mask = plan.block_mask(start, group, query.dtype)
         local, local_lse = flash(folded, key[:, :, first:end], value[:, :, first:end], attn_mask=mask, scale=scaling)[:2]
         if first > 0:
             local = _merge((local, local_lse), flash(folded, key[:, :, :first], value[:, :, :first], scale=scaling)[:2])
-        out[:, :, start:stop] = local.reshape(1, heads, len(block), dim)
+        out[:, :, start:start + len(block)] = local.reshape(1, heads, len(block), dim)
     return out
 
 
