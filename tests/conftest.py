@@ -47,7 +47,11 @@ def make_tiny_model_dir(root: Path, kind: str, tokenizer_dir: Path, seed: int = 
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
-    folder = root / f"tiny-{kind}-{seed}"
+    return save_model_dir(model, root / f"tiny-{kind}-{seed}", tokenizer_dir)
+
+
+def save_model_dir(model, folder: Path, tokenizer_dir: Path) -> Path:
+    """`model` as a local HF folder that load_model accepts, with SmolLM2's tokenizer."""
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from conftest import save_model_dir
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from index.docstore import ChunkRecord
 from kvchunks.precompute import compute_kv
@@ -168,10 +169,7 @@ def make_tiny_qwen3(root: Path, tokenizer_dir: Path) -> Path:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(1.0, 0.5)
-    folder = root / "tiny-qwen3"
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
+    return save_model_dir(model, root / "tiny-qwen3", tokenizer_dir)
 
 
 def test_a_model_with_a_key_norm_gets_exact_kv_or_is_refused(tmp_path, smollm_dir, embedder):

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from conftest import save_model_dir
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ragblend.engine.model import UnsupportedModelError, load_model
 
-SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             max_position_embeddings=8192, num_attention_heads=4, num_key_value_heads=2)
+SMALL = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "max_position_embeddings": 8192, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def save_model(root, smollm_dir, model_type: str, **config) -> str:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SMALL, **config), dtype=torch.float32)
-    folder = root / model_type
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm_dir).save_pretrained(folder)
-    return str(folder)
+    return str(save_model_dir(model, root / model_type, smollm_dir))
 
 
 @pytest.mark.parametrize("layer_types", [None, ["full_attention"] * 2], ids=["sliding-layers", "full-layers"])
