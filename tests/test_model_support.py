@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ragblend.engine.model import UnsupportedModelError, load_model
 
 SMALL = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "max_position_embeddings": 8192, "num_attention_heads": 4, "num_key_value_heads": 2}
+         "max_position_embeddings": 8192, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def save_model(root, smollm_dir, model_type: str, **config) -> str:
