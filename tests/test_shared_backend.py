@@ -66,6 +66,8 @@ def test_a_replica_with_an_empty_folder_answers_from_another_processs_ingest_wit
             assert rb.query(QUESTION, top_k=3, max_new_tokens=6).text == local.query(QUESTION, top_k=3,
                                                                                       max_new_tokens=6).text
         assert rb.store.check() == []
+        report = "\n".join(rb.store.stats().lines())
+        assert "in Redis" in report and "on disk" not in report  # the size is the server's memory, not a file's
     assert not any((tmp_path / "reader").iterdir())  # nothing of the corpus is kept locally
 
 

@@ -21,6 +21,7 @@ def _map_size() -> int:
 
 class LmdbEnv:
     shared = False
+    medium = "on disk"  # where size_bytes counts, for reports
 
     def __init__(self, path: Path, readonly: bool):
         self.path, self.readonly = path, readonly

@@ -78,6 +78,7 @@ def _redis():
 
 class RedisEnv:
     shared = True
+    medium = "in Redis"  # size_bytes is the server's used memory, not a file size
     readonly = False
 
     def __init__(self, url: str):

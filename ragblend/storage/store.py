@@ -61,6 +61,7 @@ class StoreStats:
     sessions: int = 0
     session_bytes: int = 0  # conversation KV on disk (each process's RAM tier holds a bounded copy)
     evictable_bytes: int = 0  # chunk KV that is not pinned
+    medium: str = "on disk"  # where disk_bytes and session KV live: the LMDB files, or a Redis server's memory
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -74,8 +75,8 @@ class StoreStats:
              + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
             ("pinned", f"{self.pinned_bytes / 1e6:,.1f} MB (evictable {self.evictable_bytes / 1e6:,.1f} MB)"),
             ("KV uses", f"{self.kv_hits:,} hits, {self.kv_misses:,} misses, {self.evictions:,} evictions"),
-            ("sessions", f"{self.sessions:,} ({self.session_bytes / 1e6:,.1f} MB of KV on disk)"),
-            ("on disk", f"{self.disk_bytes / 1e6:,.1f} MB"),
+            ("sessions", f"{self.sessions:,} ({self.session_bytes / 1e6:,.1f} MB of KV {self.medium})"),
+            (self.medium, f"{self.disk_bytes / 1e6:,.1f} MB"),
         ]
         if m:
             rows += [("model", f"{m.model} ({m.kv_fingerprint[:12]})"), ("embedder", m.embedder),
@@ -286,7 +287,7 @@ class Store:
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
                           pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
-                          sessions=sessions, session_bytes=session_bytes, **budget)
+                          sessions=sessions, session_bytes=session_bytes, medium=self.env.medium, **budget)
 
     def _session_bytes(self, txn: lmdb.Transaction) -> int:
         """KV bytes of every conversation turn on disk (the session records' metadata)."""
