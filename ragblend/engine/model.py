@@ -179,7 +179,7 @@ def check_supported(model: PreTrainedModel) -> None:
     layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
         raise UnsupportedModelError(
-            f"{name} mixes attention layer types {sorted(layer_types)}; ragblend supports full-attention "
+            f"{name} has attention layers of types {sorted(layer_types)}; ragblend supports full-attention "
             "Llama-shaped models (Llama, Mistral, Qwen2, SmolLM)")
     layer = model.base_model.layers[0]
     missing = [part for part in LLAMA_LAYER_PARTS if not hasattr(layer, part)]
