@@ -43,6 +43,7 @@ class GrowingLayer(DynamicLayer):
         batch, heads, _, dim = buffer.shape
         grown = buffer.new_empty(batch, heads, needed + SPARE_TOKENS, dim)
         grown[:, :, :kept] = buffer[:, :, :kept]
+        grown[:, :, kept:] = 0  # spare rows stay finite: decode attention may read them masked
         return grown
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -54,7 +55,9 @@ def with_spare_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, device
     """An empty [batch, heads, tokens, dim] tensor whose buffer has room for SPARE_TOKENS more rows, so the
     prefill that fills it hands it to decode without a copy."""
     batch, heads, tokens, dim = shape
-    return torch.empty(batch, heads, tokens + SPARE_TOKENS, dim, dtype=dtype, device=device)[:, :, :tokens]
+    buffer = torch.empty(batch, heads, tokens + SPARE_TOKENS, dim, dtype=dtype, device=device)
+    buffer[:, :, tokens:] = 0  # spare rows stay finite: decode attention may read them masked
+    return buffer[:, :, :tokens]
 
 
 def _buffer_of(view: torch.Tensor) -> torch.Tensor | None:

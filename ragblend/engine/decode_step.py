@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kvchunks.rope import rotate_half
+from ragblend.engine.decode_attention import decode_attention
 
 if TYPE_CHECKING:
     from ragblend.engine.model import LoadedModel
@@ -27,23 +26,30 @@ PACK_ROWS = 4  # the batch size oneDNN lays the packed weights out for (measured
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
+def packs(module: torch.nn.Module) -> bool:
+    """Whether fused_linear prepacks this layer for oneDNN (a float Linear on the CPU)."""
+    return isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
 def fused_linear(modules: list[torch.nn.Module]) -> Linear:
-    """One callable for Linear layers sharing an input: their outputs side by side."""
+    """One callable for Linear layers sharing an input: their outputs side by side. Packed layers take
+    at least two rows (oneDNN takes another kernel for a single row, whose sums differ in the last bits)."""
     first = modules[0]
-    if isinstance(first, torch.nn.Linear) and first.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if packs(first):
         weight = torch.cat([m.weight for m in modules])
         bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-
-        def packed_linear(x: torch.Tensor) -> torch.Tensor:
-            # oneDNN takes another kernel for a single row (its sums differ in the last bits): run it as two
-            rows = x if len(x) > 1 else x.expand(2, -1)
-            return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")[:len(x)]
-
-        return packed_linear
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if isinstance(first, torch.nn.Linear):  # on an accelerator: the modules as they are
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
     return lambda x: torch.cat([torch.cat([m(row) for m in modules], dim=-1) for row in x.split(1)])
+
+
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-family RMSNorm module's own arithmetic, without its per-call dtype round trips."""
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * y.to(x.dtype)
 
 
 class DecodeStep:
@@ -55,16 +61,19 @@ class DecodeStep:
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
         self.layers = [_Layer(layer, loaded.head_dim) for layer in body.layers]
         self.lm_head = fused_linear([source.lm_head])
+        self.min_rows = 2 if packs(body.layers[0].mlp.down_proj) else 1
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
         """Feed token i at positions[i] over caches[i] (each grows by it): next-token logits [len, vocab]."""
-        device = self.embed.weight.device
-        hidden = self.embed(torch.tensor(tokens, device=device))
-        cos, sin = self.rotary(hidden, torch.tensor(positions, device=device)[:, None])  # [n, 1, head_dim]
+        device, padding = self.embed.weight.device, max(0, self.min_rows - len(tokens))
+        hidden = self.embed(torch.tensor(tokens + tokens[:1] * padding, device=device))
+        cos, sin = self.rotary(hidden, torch.tensor(positions + positions[:1] * padding, device=device)[:, None])
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's signs, once per step
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, caches, index)
-        return self.lm_head(self.norm(hidden)).float()
+            hidden = layer(hidden, cos, signed_sin, caches, index)
+        return self.lm_head(rms_norm(self.norm, hidden))[:len(tokens)].float()
 
 
 class _Layer:
@@ -76,18 +85,20 @@ class _Layer:
         self.o_proj, self.down = fused_linear([attention.o_proj]), fused_linear([mlp.down_proj])
         self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj])
         self.act, self.scaling, self.head_dim = mlp.act_fn, attention.scaling, head_dim
-        self.sizes = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
+        self.q_heads = attention.q_proj.out_features // head_dim
+        self.qk_width = attention.q_proj.out_features + attention.k_proj.out_features
 
-    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[DynamicCache],
-                 index: int) -> torch.Tensor:
-        q, k, v = self.qkv(self.input_norm(hidden)).split(self.sizes, dim=-1)
-        q, k, v = (t.view(len(hidden), -1, self.head_dim) for t in (q, k, v))  # [n, heads, head_dim]
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                 caches: list[DynamicCache], index: int) -> torch.Tensor:
+        rows, qkv = len(hidden), self.qkv(rms_norm(self.input_norm, hidden))
+        qk = qkv[:, :self.qk_width].view(rows, -1, self.head_dim)  # query heads, then key heads
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        out = torch.cat([self._attend(q[i], k[i], v[i], cache, index) for i, cache in enumerate(caches)])
-        hidden = hidden + self.o_proj(out)
-        gate, up = self.gate_up(self.post_norm(hidden)).chunk(2, dim=-1)
+            qk = torch.cat([rms_norm(self.q_norm, qk[:, :self.q_heads]), rms_norm(self.k_norm, qk[:, self.q_heads:])], 1)
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * signed_sin  # RoPE on queries and keys at once
+        q, k, v = qk[:, :self.q_heads], qk[:, self.q_heads:], qkv[:, self.qk_width:].view(rows, -1, self.head_dim)
+        out = [self._attend(q[i], k[i], v[i], cache, index) for i, cache in enumerate(caches)]
+        hidden = hidden + self.o_proj(torch.cat(out + out[:1] * (rows - len(out))))
+        gate, up = self.gate_up(rms_norm(self.post_norm, hidden)).chunk(2, dim=-1)
         return hidden + self.down(self.act(gate) * up)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DynamicCache,
@@ -96,4 +107,4 @@ class _Layer:
         keys, values = cache.layers[index].update(k[None, :, None], v[None, :, None])
         kv_heads = k.shape[0]
         folded = q.reshape(1, kv_heads, -1, self.head_dim)
-        return F.scaled_dot_product_attention(folded, keys, values, scale=self.scaling).reshape(1, -1)
+        return decode_attention(folded, keys, values, self.scaling).reshape(1, -1)
