@@ -67,12 +67,16 @@ def rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return _blocked_attention(query, key, value, rows, scaling).transpose(1, 2), None
 
 
+def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over disjoint key sets, from each set's output and log-sum-exp stacked along
+    dim 0 ([parts, ..., dim] and [parts, ...])."""
+    weights = (lse - lse.amax(0)).exp()[..., None]
+    return (out * weights).sum(0) / weights.sum(0)
+
+
 def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Softmax attention over two disjoint key sets, from each one's output and log-sum-exp."""
-    (out_a, lse_a), (out_b, lse_b) = first, second
-    top = torch.maximum(lse_a, lse_b)
-    weight_a, weight_b = (lse_a - top).exp()[..., None], (lse_b - top).exp()[..., None]
-    return (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
+    """merge_parts of two (output, log-sum-exp) pairs."""
+    return merge_parts(*(torch.stack(pair) for pair in zip(first, second)))
 
 
 def _tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: int,

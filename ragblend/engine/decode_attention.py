@@ -15,6 +15,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ragblend.engine.attention import merge_parts
+
 MIN_PART_KEYS = 512  # shorter parts lose more to the merge than balance wins (measured at 2k keys)
 
 
@@ -29,8 +31,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.expand(parts, -1, -1, -1), _split(keys, parts, size), _split(values, parts, size),
         attn_mask=_beyond_length(length, parts, size, q.dtype), scale=scale)[:2]
-    weights = torch.softmax(lse, dim=0)[..., None]  # each part's share of the softmax's denominator
-    return (out * weights).sum(0, keepdim=True)
+    return merge_parts(out, lse)[None]
 
 
 def _parts(keys: torch.Tensor) -> int:
