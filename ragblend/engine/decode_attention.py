@@ -52,7 +52,7 @@ def _split(view: torch.Tensor, parts: int, size: int) -> torch.Tensor:
     return view.as_strided((parts, view.shape[1], size, view.shape[3]), (size * step, view.stride(1), step, 1))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=64)  # one mask per request length in a step: a batch of up to 64 reuses its masks across layers
 def _beyond_length(length: int, parts: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask hiding the last part's rows past `length` (the same for every layer of a step)."""
     mask = torch.zeros(parts, 1, 1, size, dtype=dtype)
