@@ -22,7 +22,6 @@ from transformers import DynamicCache
 from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.precompute import ChunkKV
-from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream
 from ragblend.contexts import ContextChunk
 from ragblend.engine.fusion import Prefill
@@ -290,7 +289,7 @@ class SessionManager:
     def _recompute(self, session_id: str, history: History, turn: Turn) -> ChunkKV:
         """A turn whose save never committed (a crash): prefill its tokens behind the history and store them."""
         prepared = self.requests.prefill(history, [], turn.token_ids, "full", BlendConfig())
-        kv = segment_kv(self.requests, prepared.prefill.cache, len(history.token_ids), len(prepared.layout))
+        kv = self.requests.segment(_layers(prepared.prefill.cache), len(history.token_ids), len(prepared.layout))
         self._store_segment(session_id, turn, kv)
         return kv
 
@@ -352,7 +351,7 @@ class _TurnSave:
             tail = turn.token_ids[cached - start:]  # the last answer token and the joint were never fed
             if tail:
                 feed(self.manager.model, cache, tail, cached)
-            kv = segment_kv(self.manager.requests, cache, start, start + len(turn.token_ids))
+            kv = self.manager.requests.segment(_layers(cache), start, start + len(turn.token_ids))
             self.manager._store_segment(self.session_id, turn, kv)
         except Exception as exc:  # noqa: BLE001 - the turn stays unsaved and is recomputed when next needed
             warnings.warn(f"ragblend: saving a turn of session {label(*unscoped(self.session_id))} failed ({exc}); "
@@ -360,14 +359,8 @@ class _TurnSave:
         answer.timings["save_s"] = time.perf_counter() - began
 
 
-@torch.inference_mode()
-def segment_kv(requests: RequestPath, cache: DynamicCache, start: int, end: int) -> ChunkKV:
-    """Rows [start, end) of a cache as a stored segment: keys back to pre-RoPE, fp16 on the CPU."""
-    cos, sin = requests.engine.rotary(end)
-    cos, sin = cos[:, start:end], sin[:, start:end]
-    keys = torch.stack([unrotate(layer.keys[0, :, start:end], cos, sin) for layer in cache.layers])
-    values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
-    return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _unique(chunks: list[ContextChunk]) -> list[ContextChunk]:

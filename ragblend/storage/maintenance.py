@@ -51,9 +51,7 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         if not dry_run:
             for chunk_id in report.orphan_chunks:
                 store.docs.delete_chunk(txn, chunks[chunk_id])
-            for chunk_id in dead_kv:
-                store.kv.delete(txn, chunk_id)
-                store.budget.forget(txn, chunk_id)
+            store.drop_kv(txn, dead_kv)
             for kv, key, _ in foreign:
                 kv.delete_foreign(txn, key)
     now = time.time()
