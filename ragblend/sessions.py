@@ -48,6 +48,7 @@ class TurnRequest:
     sampling: SamplingConfig
     load_depth: int = 2
     retrieve_s: float = 0.0
+    order: str = "retrieval"
 
 
 class SessionManager:
@@ -231,11 +232,13 @@ class SessionManager:
         history = self._history(record, kept)
         loaded = time.perf_counter()
         try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
+                                             turn.order)
         except CorruptKVError as error:
             self._drop_segment(record.id, error.key, kept)
             history = self._history(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
+                                             turn.order)
         return prepared, history, loaded
 
     def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
