@@ -96,9 +96,11 @@ class RequestPath:
         tree = self._tree_applies(history)
         if tree:
             self.wait_paths()  # a path the previous request is saving is there for this one
-            if order == "cache":
-                chunks = self._cache_order(chunks)
+        looked_up = time.perf_counter()
+        if tree and order == "cache":
+            chunks = self._cache_order(chunks)
         plan = self._plan(history, chunks, suffix_ids, mode, tree)
+        tree_s = time.perf_counter() - looked_up  # the tree's bookkeeping on the critical path
         if len(plan.layout) + reserve_tokens > self.model.max_positions:
             raise ValueError(f"prompt of {len(plan.layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
@@ -121,7 +123,7 @@ class RequestPath:
         if tree and mode in ("full", "prefix"):
             self._save_paths(chunks, plan, prefill.cache)
         timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
-                   "ttft_s": time.perf_counter() - start, "exact_hit_tokens": exact_tokens,
+                   "ttft_s": time.perf_counter() - start, "exact_hit_tokens": exact_tokens, "tree_s": tree_s,
                    "kv_hits": len(plan.loaded) - misses, "kv_misses": misses}
         return PreparedPrompt(plan.layout, prefill, chunks, timings, order)
 
