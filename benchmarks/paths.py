@@ -38,6 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.eval.metrics import best_f1, first_line  # noqa: E402
+from ragblend.eval.plots import ttft_vs_hit_share  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 
 PHRASINGS = ["{q}", "Question: {q}", "{q} Answer briefly.", "Tell me: {q}"]
@@ -60,6 +61,7 @@ class Run:
     identical: int = 0
     compared: int = 0
     f1: list[float] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)  # per request: chunk tokens from the tree
     tree_s: list[float] = field(default_factory=list)
     over_budget: int = 0
 
@@ -109,6 +111,7 @@ def note(run: Run, ans, reference: list[int] | None, draw: Draw, budget: int | N
     run.ttft.append(ans.ttft_s)
     run.hit_tokens += int(ans.timings.get("exact_hit_tokens", 0))
     run.chunk_tokens += sum(c.tokens for c in ans.chunks)
+    run.shares.append(ans.timings.get("exact_hit_tokens", 0) / sum(c.tokens for c in ans.chunks))
     run.f1.append(best_f1(first_line(ans.text), draw.answers))
     if "tree_s" in ans.timings:
         run.tree_s.append(ans.timings["tree_s"])
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--budget-share", type=float, default=None)
     parser.add_argument("--budget-questions", type=int, default=200, help="draws of the stream run under the budget")
     parser.add_argument("--out", default="paths-results.json")
+    parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "paths_ttft.png"))
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
@@ -199,6 +203,8 @@ def main() -> None:
                 note(run, ans, reference(ans), draw, budget, rb)
             body.append(run.row(full_ttft) + f" over budget at {run.over_budget} of {len(run.ttft)} checks")
     Path(args.out).write_text(json.dumps({name: vars(run) for name, run in runs.items()}))
+    ttft_vs_hit_share({name: (run.shares, [t / full_ttft for t in run.ttft]) for name, run in runs.items()},
+                      Path(args.plot))
     command = "python benchmarks/paths.py " + " ".join(sys.argv[1:])
     report("paths", "\n".join(body), command, args.write_docs)
     print(f"took {time.process_time():.0f} s of CPU")
