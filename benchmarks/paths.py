@@ -62,6 +62,8 @@ class Run:
     compared: int = 0
     f1: list[float] = field(default_factory=list)
     shares: list[float] = field(default_factory=list)  # per request: chunk tokens from the tree
+    as_retrieved: int = 0  # answers identical to full prefill in retrieval order (what reordering changes)
+    texts: list[str] = field(default_factory=list)
     tree_s: list[float] = field(default_factory=list)
     over_budget: int = 0
 
@@ -71,7 +73,7 @@ class Run:
         share = self.hit_tokens / max(self.chunk_tokens, 1)
         bookkeeping = f"{statistics.median(self.tree_s) / ttft:.2%}" if self.tree_s else "-"
         return (f"| {self.name} | {ttft * 1000:.0f} | {ttft / full_ttft:.2f}x | {share:.0%} | {same} | "
-                f"{statistics.mean(self.f1):.3f} | {bookkeeping} |")
+                f"{self.as_retrieved / len(self.ttft):.0%} | {statistics.mean(self.f1):.3f} | {bookkeeping} |")
 
 
 def corpus(docs: int, words: int) -> tuple[list[dict], list[dict]]:
@@ -107,8 +109,11 @@ def answer(rb: RagBlend, draw: Draw, mode: str, order: str = "retrieval", contex
                     max_new_tokens=NEW_TOKENS)
 
 
-def note(run: Run, ans, reference: list[int] | None, draw: Draw, budget: int | None, rb: RagBlend) -> None:
+def note(run: Run, ans, reference: list[int] | None, draw: Draw, budget: int | None, rb: RagBlend,
+         retrieval_full: list[int]) -> None:
     run.ttft.append(ans.ttft_s)
+    run.texts.append(ans.text)
+    run.as_retrieved += ans.token_ids == retrieval_full
     run.hit_tokens += int(ans.timings.get("exact_hit_tokens", 0))
     run.chunk_tokens += sum(c.tokens for c in ans.chunks)
     run.shares.append(ans.timings.get("exact_hit_tokens", 0) / sum(c.tokens for c in ans.chunks))
@@ -162,30 +167,36 @@ def main() -> None:
         return references[key]
 
     repeats = Run("repeated sequences, prefix tree, cache order")
+    retrieval_answers: list[list[int]] = []
     seen_sets: set[frozenset[str]] = set()
     for draw in tqdm(draws, desc="stream", unit="q"):
         full = answer(base, draw, "full")
         references.setdefault(tuple(c.chunk_id for c in full.chunks), full.token_ids)
-        note(runs["full"], full, None, draw, None, base)
+        retrieval_answers.append(full.token_ids)
+        note(runs["full"], full, None, draw, None, base, full.token_ids)
         runs["full"].identical += 1
         runs["full"].compared += 1
         for name, mode in (("prefix 1-chunk", "prefix"), ("prefix tree, retrieval order", "prefix"),
                            ("blend 1-chunk", "blend")):
             ans = answer(stores[name], draw, mode)
-            note(runs[name], ans, reference(ans) if mode == "prefix" else full.token_ids, draw, None, stores[name])
+            note(runs[name], ans, reference(ans) if mode == "prefix" else full.token_ids, draw, None, stores[name],
+                 full.token_ids)
         cached = answer(stores["prefix tree, cache order"], draw, "prefix", "cache")
-        note(runs["prefix tree, cache order"], cached, reference(cached), draw, None, stores["prefix tree, cache order"])
+        note(runs["prefix tree, cache order"], cached, reference(cached), draw, None, stores["prefix tree, cache order"],
+             full.token_ids)
         chunk_set = frozenset(c.chunk_id for c in cached.chunks)
         if chunk_set in seen_sets:
-            note(repeats, cached, reference(cached), draw, None, stores["prefix tree, cache order"])
+            note(repeats, cached, reference(cached), draw, None, stores["prefix tree, cache order"], full.token_ids)
         seen_sets.add(chunk_set)
         blended = answer(stores["blend tree, cache order"], draw, "blend", "cache")
-        note(runs["blend tree, cache order"], blended, reference(blended), draw, None, stores["blend tree, cache order"])
+        note(runs["blend tree, cache order"], blended, reference(blended), draw, None, stores["blend tree, cache order"],
+             full.token_ids)
         answer(stores["blend tree, cache order"], draw, "prefix", "cache")  # the stream's exact request fills the tree
 
     full_ttft = statistics.median(runs["full"].ttft)
     header = ("| configuration | median TTFT ms | / full | tokens from the tree | identical to full of the same "
-              "ordered prompt | F1 | tree bookkeeping / TTFT |\n|---|---|---|---|---|---|---|")
+              "ordered prompt | identical to full in retrieval order | F1 | tree bookkeeping / TTFT |\n"
+              "|---|---|---|---|---|---|---|---|")
     rows = [run.row(full_ttft) for run in runs.values()] + ([repeats.row(full_ttft)] if repeats.ttft else [])
     body = [f"{len(draws)} draws (Zipf 1.1 over {len(questions)} questions, top-k 4-6, {len(documents)} documents "
             f"of <= {args.doc_words} words, {NEW_TOKENS} new tokens)", "", header, *rows]
@@ -198,9 +209,9 @@ def main() -> None:
             rb = open_store(root, f"budget-{policy}", model, embedder, documents, args.chunk_tokens,
                             kv_policy=policy, kv_max_bytes=budget)
             run = Run(f"prefix tree, cache order, {policy}")
-            for draw in tqdm(draws[: args.budget_questions], desc=policy, unit="q"):
+            for i, draw in enumerate(tqdm(draws[: args.budget_questions], desc=policy, unit="q")):
                 ans = answer(rb, draw, "prefix", "cache")
-                note(run, ans, reference(ans), draw, budget, rb)
+                note(run, ans, reference(ans), draw, budget, rb, retrieval_answers[i])
             body.append(run.row(full_ttft) + f" over budget at {run.over_budget} of {len(run.ttft)} checks")
     Path(args.out).write_text(json.dumps({name: vars(run) for name, run in runs.items()}))
     ttft_vs_hit_share({name: (run.shares, [t / full_ttft for t in run.ttft]) for name, run in runs.items()},
