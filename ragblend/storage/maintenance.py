@@ -45,7 +45,7 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         for chunk_id in dead_kv:
             meta = store.kv.meta(txn, chunk_id)
             report.bytes_freed += meta.payload_bytes
-        foreign = [(kv, key, size) for kv in (store.kv, sessions.kv) for key, size in kv.foreign(txn)]
+        foreign = [(kv, key, size) for kv in (store.kv, sessions.kv, store.paths.kv) for key, size in kv.foreign(txn)]
         report.foreign_records = len(foreign)
         report.bytes_freed += sum(size for _, _, size in foreign)
         if not dry_run:
