@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -98,10 +99,11 @@ def stream(questions: list[dict], n: int, seed: int) -> list[Draw]:
                  rng.randint(4, 6)) for i in picks]
 
 
-def open_store(root: Path, name: str, model, embedder, docs: list[dict], chunk_tokens: int, **kwargs) -> RagBlend:
-    rb = RagBlend(root / name, model=model, embedder=embedder, chunk_tokens=chunk_tokens, **kwargs)
-    rb.add_documents(docs, progress=False)
-    return rb
+def open_store(root: Path, name: str, model, embedder, chunk_tokens: int, **kwargs) -> RagBlend:
+    """A copy of the ingested corpus (`root/corpus`, no paths in it): every configuration starts alike and
+    the corpus's KV is computed once."""
+    shutil.copytree(root / "corpus", root / name)
+    return RagBlend(root / name, model=model, embedder=embedder, chunk_tokens=chunk_tokens, **kwargs)
 
 
 def answer(rb: RagBlend, draw: Draw, mode: str, order: str = "retrieval", contexts=None):
@@ -145,15 +147,16 @@ def main() -> None:
     documents, questions = corpus(args.docs, args.doc_words)
     draws = stream(questions, args.questions, args.seed)
     root = Path(tempfile.mkdtemp(prefix="ragblend-paths-"))
-    base = RagBlend(root / "full", chunk_tokens=args.chunk_tokens, exact_paths=False)
-    base.add_documents(documents, progress=True)
-    model, embedder = base.model, base.embedder
+    with RagBlend(root / "corpus", chunk_tokens=args.chunk_tokens, exact_paths=False) as corpus_rb:
+        corpus_rb.add_documents(documents, progress=True)
+        model, embedder = corpus_rb.model, corpus_rb.embedder
+    base = open_store(root, "full", model, embedder, args.chunk_tokens, exact_paths=False)
     stores = {
-        "prefix 1-chunk": open_store(root, "p1", model, embedder, documents, args.chunk_tokens, exact_paths=False),
-        "prefix tree, retrieval order": open_store(root, "pr", model, embedder, documents, args.chunk_tokens),
-        "prefix tree, cache order": open_store(root, "pc", model, embedder, documents, args.chunk_tokens),
-        "blend 1-chunk": open_store(root, "b1", model, embedder, documents, args.chunk_tokens, exact_paths=False),
-        "blend tree, cache order": open_store(root, "bt", model, embedder, documents, args.chunk_tokens),
+        "prefix 1-chunk": open_store(root, "p1", model, embedder, args.chunk_tokens, exact_paths=False),
+        "prefix tree, retrieval order": open_store(root, "pr", model, embedder, args.chunk_tokens),
+        "prefix tree, cache order": open_store(root, "pc", model, embedder, args.chunk_tokens),
+        "blend 1-chunk": open_store(root, "b1", model, embedder, args.chunk_tokens, exact_paths=False),
+        "blend tree, cache order": open_store(root, "bt", model, embedder, args.chunk_tokens),
     }
     runs = {name: Run(name) for name in ["full", *stores]}
     references: dict[tuple[str, ...], list[int]] = {}
@@ -206,8 +209,8 @@ def main() -> None:
         body += ["", f"Under a budget of {args.budget_share:.0%} of the unbounded cache-order store "
                  f"({budget / 1e6:.1f} MB of chunk KV + paths):", "", header]
         for policy in ("pgdsf", "lru"):
-            rb = open_store(root, f"budget-{policy}", model, embedder, documents, args.chunk_tokens,
-                            kv_policy=policy, kv_max_bytes=budget)
+            rb = open_store(root, f"budget-{policy}", model, embedder, args.chunk_tokens, kv_policy=policy,
+                            kv_max_bytes=budget)
             run = Run(f"prefix tree, cache order, {policy}")
             for i, draw in enumerate(tqdm(draws[: args.budget_questions], desc=policy, unit="q")):
                 ans = answer(rb, draw, "prefix", "cache")
