@@ -20,7 +20,9 @@ RATIOS = (0.0, 0.15, 0.3, 0.5, 1.0)
 
 @pytest.fixture(scope="module")
 def rb(smollm, embedder, tmp_path_factory) -> RagBlend:
-    return RagBlend(tmp_path_factory.mktemp("fidelity"), model=smollm, embedder=embedder, chunk_tokens=EVAL_CHUNK_TOKENS)
+    # Fusion's invariants: no exact-path tree, whose paths from full prefill would make blend exact by loading them.
+    return RagBlend(tmp_path_factory.mktemp("fidelity"), model=smollm, embedder=embedder, chunk_tokens=EVAL_CHUNK_TOKENS,
+                    exact_paths=False)
 
 
 def contexts(record: dict, passages: int | None = None) -> list[str]:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def test_blend_tracks_full_prefill_far_better_than_reuse(smollm, embedder, shared_eval, tmp_path):
     records = json.loads((shared_eval / "musique_s.json").read_text())[:5]
-    rb = RagBlend(tmp_path, model=smollm, embedder=embedder, chunk_tokens=EVAL_CHUNK_TOKENS)
+    rb = RagBlend(tmp_path, model=smollm, embedder=embedder, chunk_tokens=EVAL_CHUNK_TOKENS, exact_paths=False)
     config = EvalConfig(modes=("reuse", "blend"), ratios=(0.15,), passages=3, max_new_tokens=8)
     rows = [row for record in records for row in evaluate_record(rb, record, config)]
     by_label = {label: [r for r in rows if r["label"] == label] for label in ("reuse", "blend@0.15")}
