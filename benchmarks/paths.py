@@ -141,14 +141,17 @@ def main() -> None:
     parser.add_argument("--budget-questions", type=int, default=200, help="draws of the stream run under the budget")
     parser.add_argument("--out", default="paths-results.json")
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "paths_ttft.png"))
+    parser.add_argument("--root", help="a folder for the stores; its corpus/ store is reused when present")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
     documents, questions = corpus(args.docs, args.doc_words)
     draws = stream(questions, args.questions, args.seed)
-    root = Path(tempfile.mkdtemp(prefix="ragblend-paths-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="ragblend-paths-"))
+    for stale in [p for p in root.glob("*") if p.name != "corpus"]:
+        shutil.rmtree(stale)
     with RagBlend(root / "corpus", chunk_tokens=args.chunk_tokens, exact_paths=False) as corpus_rb:
-        corpus_rb.add_documents(documents, progress=True)
+        corpus_rb.add_documents(documents, progress=True)  # nothing to compute in a corpus kept from a run before
         model, embedder = corpus_rb.model, corpus_rb.embedder
     base = open_store(root, "full", model, embedder, args.chunk_tokens, exact_paths=False)
     stores = {
