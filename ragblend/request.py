@@ -97,9 +97,13 @@ class RequestPath:
         if tree:
             self.wait_paths()  # a path the previous request is saving is there for this one
         looked_up = time.perf_counter()
-        if tree and order == "cache":
-            chunks = self._cache_order(chunks)
-        plan = self._plan(history, chunks, suffix_ids, mode, tree)
+        try:
+            if tree and order == "cache":
+                chunks = self._cache_order(chunks)
+            plan = self._plan(history, chunks, suffix_ids, mode, tree)
+        except BackendUnavailableError:  # the shared backend went away: no paths; the chunks are computed below
+            tree = False
+            plan = self._plan(history, chunks, suffix_ids, mode, tree)
         tree_s = time.perf_counter() - looked_up  # the tree's bookkeeping on the critical path
         if len(plan.layout) + reserve_tokens > self.model.max_positions:
             raise ValueError(f"prompt of {len(plan.layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
