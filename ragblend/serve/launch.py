@@ -45,9 +45,9 @@ class ServerProcess:
         self.process.kill()
         raise RuntimeError(f"ragblend serve did not answer /healthz within {timeout_s:.0f} s")
 
-    def client(self, **kwargs) -> httpx.Client:
+    def client(self, timeout: float = 300, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=300, **kwargs)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, **kwargs)
 
     def rss_bytes(self) -> tuple[int, int]:
         """(current, peak) resident memory of the server process."""
