@@ -57,11 +57,14 @@ class Tally:
         self._lock = threading.Lock()
 
     def note(self, outcome: str, response: httpx.Response | None = None) -> None:
+        """Count an outcome; a refusal is waited out for its Retry-After, as a client should."""
+        refused = response is not None and response.status_code in (409, 429, 503)
         with self._lock:
             self.counts[outcome] += 1
-            if response is not None and response.status_code in (409, 429, 503) \
-                    and "retry-after" not in response.headers:
+            if refused and "retry-after" not in response.headers:
                 self.missing_retry_after += 1
+        if refused:
+            time.sleep(float(response.headers.get("retry-after", 1)))
 
     @property
     def server_errors(self) -> int:
