@@ -78,7 +78,8 @@ def main() -> None:
     modes = ("full", "blend") if args.no_reuse else ("full", "reuse", "blend")
     config = EvalConfig(modes=modes, ratios=_ratios(args.ratios), passages=args.passages,
                         max_new_tokens=args.max_new_tokens, variants=tuple((n, VARIANTS[n]) for n in names))
-    rb = RagBlend(args.out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS, kv_dtype=args.kv_dtype)
+    rb = RagBlend(args.out / "store", model=args.model, chunk_tokens=EVAL_CHUNK_TOKENS, kv_dtype=args.kv_dtype,
+                  exact_paths=False)  # fusion against full prefill; full's paths would make blend exact
     rows = run_eval(rb, records, config, args.out)
     summaries = summarize(rows)
     table = summary_table(summaries)

@@ -26,6 +26,7 @@ class Answer:
     chunks: list[ChunkRef]
     token_ids: list[int] = field(default_factory=list)
     first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+    order: str = "retrieval"  # the chunk order used: "retrieval", or "cache" (longest stored exact path first)
 
 
 class AnswerStream:

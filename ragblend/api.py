@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.backends import BackendUnavailableError
+from kvchunks.budget import POLICIES
 from kvchunks.chunking import validate_chunk_tokens
 from kvchunks.codecs import codec_for
 from ragblend.answer import Answer, AnswerStream
@@ -22,7 +23,7 @@ from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.ingest import Ingestor, IngestReport
-from ragblend.request import MODES, History, PreparedPrompt, RequestPath
+from ragblend.request import MODES, ORDERS, History, PreparedPrompt, RequestPath
 from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
 from ragblend.sessions import SessionManager
 from ragblend.storage.store import Manifest, Store
@@ -48,7 +49,8 @@ class RagBlend:
                  embedder: str | Path | Embedder | None = None, *, chunk_tokens: int | None = None,
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
                  session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
-                 kv_dtype: str | None = None, decode_weights: str = "float32", kv_backend: str | None = None):
+                 kv_dtype: str | None = None, decode_weights: str = "float32", kv_backend: str | None = None,
+                 kv_policy: str = "pgdsf", exact_paths: bool = True):
         """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
         `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
         `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
@@ -58,12 +60,18 @@ class RagBlend:
         half the bytes); an existing store keeps its own and refuses another.
         `decode_weights`: "int8" decodes with int8 dynamic-quantized Linear layers (CPU; prefill and
         stored KV stay float32): see docs/benchmarks.md for its speed and answers against float32.
+        `kv_policy`: what the KV budget evicts first, "pgdsf" (RAGCache's prefix-aware Greedy-Dual-Size-Frequency:
+        hits x compute saved / bytes, aged) or "lru"; chunk KV and exact paths share the one budget.
+        `exact_paths`: keep and use the exact-path tree (KV of chunk sequences computed in full context, loaded
+        exactly by `prefix` and `blend`); False answers from single-chunk KV alone, as before the tree.
         `kv_backend`: None keeps every record in LMDB in `store_dir`; a redis:// URL keeps documents, chunks,
         KV and sessions in that Redis/Valkey server, shared by every replica pointed at it (docs/scale-out.md)."""
         self.blend = blend or BlendConfig()
         # Everything that can fail is checked before the store folder is created.
         if decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
+        if kv_policy not in POLICIES:
+            raise ValueError(f"kv_policy must be one of {', '.join(POLICIES)}, got {kv_policy!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         if decode_weights == "int8":
             self.model = with_int8_decode(self.model)
@@ -84,9 +92,10 @@ class RagBlend:
             kv_dtype=kv_dtype or (existing.kv_dtype if existing else "float16"),
         ))
         self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
+        self.store.budget.policy = kv_policy
         if kv_max_bytes is not None:
             self.store.set_kv_max_bytes(kv_max_bytes)
-        self.requests = RequestPath(self.model, self.store, self.ingestor)
+        self.requests = RequestPath(self.model, self.store, self.ingestor, exact_paths)
         self.ingestor.expire()
         self._session_ram_bytes = session_ram_bytes
         self._sessions: SessionManager | None = None
@@ -191,6 +200,7 @@ class RagBlend:
         """Wait for pending session saves, record KV uses, and stop background work."""
         if self._sessions is not None:
             self._sessions.close()
+        self.requests.close()
         try:
             self.store.enforce_budget()
         except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints
@@ -208,33 +218,36 @@ class RagBlend:
               recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
               stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
               blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None,
-              namespace: str = DEFAULT_NAMESPACE) -> Answer | AnswerStream:
+              namespace: str = DEFAULT_NAMESPACE, order: str = "retrieval") -> Answer | AnswerStream:
         """Retrieve from `namespace` (or take `contexts`), fuse the chunks' stored KV as `mode` says, and generate.
 
         Modes, all over the same prompt tokens: `full` prefills everything; `prefix` reuses the prefix
         and first chunk; `reuse` concatenates all stored KV and prefills only the question; `blend`
         (CacheBlend) also recomputes the `recompute_ratio` share of chunk tokens whose KV deviates most
         (a float, or "auto" to pick it per query; `ans.timings["recompute_ratio"]` says which was used).
+        `prefix` and `blend` first load the longest exact path the store holds for the chunks' order (KV
+        computed in full context by earlier requests; `ans.timings["exact_hit_tokens"]`); `order="cache"`
+        puts the chunks with the longest stored path first, the rest in retrieval order (`ans.order`).
         """
         sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
         prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
                                 check_layer=check_layer, blend=blend, load_depth=load_depth,
-                                reserve_tokens=max_new_tokens, namespace=namespace)
+                                reserve_tokens=max_new_tokens, namespace=namespace, order=order)
         return self.requests.answer(prepared, mode, sampling, stream)
 
     def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
                 recompute_ratio: float | str | None = None, check_layer: int | None = None,
                 blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0,
-                namespace: str = DEFAULT_NAMESPACE) -> PreparedPrompt:
+                namespace: str = DEFAULT_NAMESPACE, order: str = "retrieval") -> PreparedPrompt:
         """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
-        self._validate_query(question, mode, top_k)
+        self._validate_query(question, mode, top_k, order)
         config = self._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
         chunks = self._contexts(question, contexts, top_k, namespace)
         retrieved = time.perf_counter()
         history = History(self.template.prefix_ids, [(0, self.ingestor.spans.prefix_kv)])
         prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
-                                         load_depth, reserve_tokens)
+                                         load_depth, reserve_tokens, order)
         prepared.timings["retrieve_s"] = retrieved - start
         return prepared
 
@@ -246,10 +259,12 @@ class RagBlend:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
 
     @classmethod
-    def _validate_query(cls, question, mode, top_k) -> None:
+    def _validate_query(cls, question, mode, top_k, order="retrieval") -> None:
         cls._validate_question(question, top_k)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
 
     def _blend_config(self, blend: BlendConfig | None, ratio: float | str | None, check_layer: int | None) -> BlendConfig:
         """The query's blend settings (validated by BlendConfig); the check layer is at most the last layer."""

@@ -49,16 +49,17 @@ class Chat:
     def send(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
              recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
              stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
-             blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None) -> Answer | AnswerStream:
+             blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None,
+             order: str = "retrieval") -> Answer | AnswerStream:
         """One turn: the same keywords and Answer as `query`, plus history timings
         (`history_tokens`, `history_load_s`, `history_source`, `save_s` once the background save is done)."""
         rb = self._rb
         sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
-        rb._validate_query(question, mode, top_k)
+        rb._validate_query(question, mode, top_k, order)
         config = rb._blend_config(blend, recompute_ratio, check_layer)
         start = time.perf_counter()
         chunks = rb._contexts(question, contexts, top_k, self.namespace)
-        turn = TurnRequest(question, chunks, mode, config, sampling, load_depth, time.perf_counter() - start)
+        turn = TurnRequest(question, chunks, mode, config, sampling, load_depth, time.perf_counter() - start, order)
         return self._manager.send(self._key, turn, self.on_topic_switch, self.max_history_tokens, stream)
 
     def wait(self) -> None:

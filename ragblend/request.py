@@ -4,16 +4,28 @@
 server all go through it, so a change to fusion, loading or decoding reaches every surface at once.
 Requests answered on several threads share the model through one Batcher: their decode steps run
 batched, their prefills between steps (ragblend.engine.batcher).
+
+Exact reuse comes first: behind the store's own prompt prefix, the longest run of leading chunks whose KV the
+exact-path tree holds (kvchunks.paths) is loaded as history, exactly as full prefill computes it; `prefix`
+computes the rest in full context, `blend` fuses only the chunks after it. Whatever a request computes in
+full context (`full`, `prefix`) is added to the tree, in the background, for the next request.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
 
 from kvchunks.backends import BackendUnavailableError
 from kvchunks.kvstore import CorruptKVError, StoredKV
+from kvchunks.paths import path_key
 from kvchunks.precompute import ChunkKV
+from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
 from ragblend.engine.batcher import Batcher
@@ -27,6 +39,7 @@ from ragblend.storage.ingest import Ingestor
 from ragblend.storage.store import Store
 
 MODES = ("blend", "reuse", "prefix", "full")
+ORDERS = ("retrieval", "cache")  # chunks as retrieved, or the longest stored exact path first
 FLUSH_USES = 256  # chunk uses noted in memory before they are written (one transaction for all of them)
 
 
@@ -50,40 +63,103 @@ class PreparedPrompt:
     prefill: Prefill
     chunks: list[ContextChunk]
     timings: dict[str, float]
+    order: str = "retrieval"
+
+
+@dataclass
+class Plan:
+    """How a request's chunks split: `exact` leading chunks loaded as history from the tree, then `stored`
+    of the rest loaded from the chunk store (the mode's choice), the others computed."""
+
+    history: History
+    layout: PromptLayout
+    exact: int
+    stored_spans: int  # spans of `layout` (its history first) whose KV is loaded
+    loaded: list[ContextChunk]  # chunks whose own KV record is read
 
 
 class RequestPath:
-    def __init__(self, model: LoadedModel, store: Store, ingestor: Ingestor):
+    def __init__(self, model: LoadedModel, store: Store, ingestor: Ingestor, exact_paths: bool = True):
         self.model, self.store, self.ingestor = model, store, ingestor
+        self.exact_paths = exact_paths
         self.engine = FusionEngine(model)
         self.batcher = Batcher(model)
+        self._path_saver = ThreadPoolExecutor(1, thread_name_prefix="ragblend-path-save")
+        self._path_save: Future | None = None
 
     def prefill(self, history: History, chunks: list[ContextChunk], suffix_ids: list[int], mode: str,
-                blend: BlendConfig, load_depth: int = 2, reserve_tokens: int = 0) -> PreparedPrompt:
-        """Everything up to the first token: missing chunk KV, the prompt layout and the mode's prefill."""
+                blend: BlendConfig, load_depth: int = 2, reserve_tokens: int = 0,
+                order: str = "retrieval") -> PreparedPrompt:
+        """Everything up to the first token: chunk order, missing chunk KV, the exact path, the prompt layout
+        and the mode's prefill."""
         start = time.perf_counter()
-        layout = PromptLayout.build(history.token_ids, [(c.chunk_id, c.token_ids) for c in chunks], suffix_ids)
-        if len(layout) + reserve_tokens > self.model.max_positions:
-            raise ValueError(f"prompt of {len(layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
+        tree = self._tree_applies(history)
+        if tree:
+            self.wait_paths()  # a path the previous request is saving is there for this one
+        looked_up = time.perf_counter()
+        if tree and order == "cache":
+            chunks = self._cache_order(chunks)
+        plan = self._plan(history, chunks, suffix_ids, mode, tree)
+        tree_s = time.perf_counter() - looked_up  # the tree's bookkeeping on the critical path
+        if len(plan.layout) + reserve_tokens > self.model.max_positions:
+            raise ValueError(f"prompt of {len(plan.layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
-        stored_spans = min({"full": 1, "prefix": 2}.get(mode, len(layout.spans)), len(layout.spans))
-        loaded = chunks[: stored_spans - 1]  # only what this mode loads; `full` computes them all
         with self.batcher.prefill():  # between decode steps of other requests, see Batcher
             waited = prepared = time.perf_counter()
             try:
-                misses = self.ensure_kv(loaded)
+                misses = self.ensure_kv(plan.loaded)
                 prepared = time.perf_counter()
-                prefill, repaired = self._run_stored(layout, history, mode, stored_spans, blend, load_depth, loaded)
+                prefill, repaired = self._run_stored(plan, mode, blend, load_depth)
                 misses += repaired
             except BackendUnavailableError:  # the shared backend went away: compute what it could not give
-                misses = len(loaded)
-                computed = dict(zip([c.chunk_id for c in loaded], self._compute_as_stored(loaded)))
-                prefill = self._run_engine(layout, history, mode, stored_spans, blend, load_depth, computed)
+                plan = self._plan(history, chunks, suffix_ids, mode, tree=False)
+                misses = len(plan.loaded)
+                computed = dict(zip([c.chunk_id for c in plan.loaded], self._compute_as_stored(plan.loaded)))
+                prefill = self._run_engine(plan, mode, blend, load_depth, computed)
             prefill.timings["fuse_s"] = time.perf_counter() - prepared
+        exact_tokens = sum(len(c.token_ids) for c in chunks[: plan.exact])
+        if plan.exact > 1:
+            self.store.budget.path_used(exact_tokens)
+        if tree and mode in ("full", "prefix"):
+            self._save_paths(chunks, plan, prefill.cache)
         timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
-                   "ttft_s": time.perf_counter() - start,
-                   "kv_hits": stored_spans - 1 - misses, "kv_misses": misses}
-        return PreparedPrompt(layout, prefill, chunks, timings)
+                   "ttft_s": time.perf_counter() - start, "exact_hit_tokens": exact_tokens, "tree_s": tree_s,
+                   "kv_hits": len(plan.loaded) - misses, "kv_misses": misses}
+        return PreparedPrompt(plan.layout, prefill, chunks, timings, order)
+
+    def _tree_applies(self, history: History) -> bool:
+        """Paths are computed behind the store's own prompt prefix: not behind a session's earlier turns or
+        another system prompt."""
+        return (self.exact_paths and self.store.paths is not None
+                and history.token_ids == tuple(self.ingestor.spans.prefix_ids))
+
+    def _cache_order(self, chunks: list[ContextChunk]) -> list[ContextChunk]:
+        by_id = {c.chunk_id: c for c in chunks}
+        if len(by_id) < len(chunks):  # a repeated chunk: keep the caller's order
+            return chunks
+        with self.store.env.begin() as txn:
+            return [by_id[c] for c in self.store.paths.cache_order(txn, list(by_id))]
+
+    def _plan(self, history: History, chunks: list[ContextChunk], suffix_ids: list[int], mode: str,
+              tree: bool) -> Plan:
+        """`full` computes every chunk; `reuse` loads every chunk's own KV; `prefix` and `blend` load the
+        longest exact path (behind the store's prefix: the first chunk's record, then tree nodes), after which
+        `prefix` computes the rest and `blend` fuses it. Elsewhere `prefix` loads just the first chunk."""
+        exact = 0
+        if tree and mode in ("prefix", "blend") and chunks:
+            with self.store.env.begin() as txn:
+                exact = self.store.paths.depth(txn, [c.chunk_id for c in chunks])
+            ids = [c.chunk_id for c in chunks[:exact]]
+            sources, position = list(history.sources), len(history.token_ids)
+            for chunk, kv in zip(chunks, [StoredKV(self.store.kv, ids[0]), *self.store.paths.sources(ids)]):
+                sources.append((position, kv))
+                position += len(chunk.token_ids)
+            history = History(history.token_ids + tuple(t for c in chunks[:exact] for t in c.token_ids), sources)
+        rest = chunks[exact:]
+        layout = PromptLayout.build(history.token_ids, [(c.chunk_id, c.token_ids) for c in rest], suffix_ids)
+        spans = {"full": 1, "prefix": 1 if exact else 2}.get(mode, len(layout.spans))
+        stored_spans = min(spans, len(layout.spans))
+        return Plan(history, layout, exact, stored_spans, chunks[: min(exact, 1)] + rest[: stored_spans - 1])
 
     def answer(self, prepared: PreparedPrompt, mode: str, sampling: SamplingConfig, stream: bool,
                on_finish: Callable[[Answer, Prefill], None] | None = None) -> Answer | AnswerStream:
@@ -98,7 +174,7 @@ class RequestPath:
             timings["total_s"] = timings["ttft_s"] + timings["decode_s"]
             refs = [ChunkRef(c.chunk_id, c.doc_id, c.score, len(c.token_ids)) for c in prepared.chunks]
             answer = Answer(text.strip(), mode, timings["ttft_s"], timings, len(layout), prefill.recomputed_tokens,
-                            refs, generated, prefill.logits)
+                            refs, generated, prefill.logits, prepared.order)
             if on_finish is not None:
                 on_finish(answer, prefill)
             return answer
@@ -106,18 +182,17 @@ class RequestPath:
         answer_stream = AnswerStream(pieces, finish)
         return answer_stream if stream else answer_stream.collect()
 
-    def _run_stored(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
-                    blend: BlendConfig, depth: int, loaded: list[ContextChunk]) -> tuple[Prefill, int]:
+    def _run_stored(self, plan: Plan, mode: str, blend: BlendConfig, depth: int) -> tuple[Prefill, int]:
         """The prefill over stored KV, and how many damaged chunk records it had to recompute."""
         try:
-            return self._run_engine(layout, history, mode, stored_spans, blend, depth), 0
+            return self._run_engine(plan, mode, blend, depth), 0
         except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
-            if error.key not in {c.chunk_id for c in loaded}:
+            if error.key not in {c.chunk_id for c in plan.loaded}:
                 raise  # a session turn's record: the session layer owns it
             with self.store.env.begin(write=True) as txn:
                 self.store.kv.delete(txn, error.key)
-            repaired = self.ensure_kv(loaded)
-            return self._run_engine(layout, history, mode, stored_spans, blend, depth), repaired
+            repaired = self.ensure_kv(plan.loaded)
+            return self._run_engine(plan, mode, blend, depth), repaired
 
     def _compute_as_stored(self, chunks: list[ContextChunk]) -> list[ChunkKV]:
         """Chunks' KV computed here, rounded as the store's codec would round it: the answer is the one a
@@ -143,16 +218,17 @@ class RequestPath:
             self.store.enforce_budget({c.chunk_id for c in chunks}, txn)
         return len(missing)
 
-    def _run_engine(self, layout: PromptLayout, history: History, mode: str, stored_spans: int,
-                    blend: BlendConfig, depth: int, computed: dict[str, ChunkKV] | None = None) -> Prefill:
+    def _run_engine(self, plan: Plan, mode: str, blend: BlendConfig, depth: int,
+                    computed: dict[str, ChunkKV] | None = None) -> Prefill:
         """`full` without earlier turns is the model's own forward (the reference); every other case
-        loads the history and the first `stored_spans` - 1 chunks (`computed` ones from memory) and
+        loads the history and the first `stored_spans` - 1 chunks after it (`computed` ones from memory) and
         computes the rest."""
-        if mode == "full" and history.is_prefix_only:
+        layout, stored_spans = plan.layout, plan.stored_spans
+        if mode == "full" and plan.history.is_prefix_only:
             return self.engine.full_prefill(layout)
         computed = computed or {}
-        sources = history.sources + [(s.start, computed.get(s.key) or StoredKV(self.store.kv, s.key))
-                                     for s in layout.spans[1:stored_spans]]
+        sources = plan.history.sources + [(s.start, computed.get(s.key) or StoredKV(self.store.kv, s.key))
+                                          for s in layout.spans[1:stored_spans]]
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.env, sources, len(layout), cos, sin, self.model.num_layers,
                              self.model.dtype, self.model.device, depth)
@@ -163,3 +239,56 @@ class RequestPath:
             loader.close()
         prefill.timings.update(load_s=loader.stats.busy_s, load_exposed_s=loader.stats.exposed_s)
         return prefill
+
+    # ---- the exact-path tree ------------------------------------------------------------------------
+
+    def _save_paths(self, chunks: list[ContextChunk], plan: Plan, cache: DynamicCache) -> None:
+        """Queue the nodes this prefill computed in full context (chunks after the exact path, from depth 2)
+        for the tree; the rows are read now, since decoding grows the cache."""
+        spans = plan.layout.chunk_spans
+        todo = [(j, spans[j - plan.exact]) for j in range(max(plan.exact, 1), len(chunks))]
+        if not todo:
+            return
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self._path_save = self._path_saver.submit(self._store_paths, [c.chunk_id for c in chunks], todo, layers)
+
+    def _store_paths(self, chunk_ids: list[str], todo: list, layers: list) -> None:
+        tree = self.store.paths
+        with self.store.env.begin() as txn:
+            todo = [(j, span) for j, span in todo if tree.node(txn, chunk_ids[: j + 1]) is None]
+        if not todo:
+            return
+        segments = [(j, span.start, self.segment(layers, span.start, span.end)) for j, span in todo]
+        with self.store.env.begin(write=True) as txn:
+            clock = self.store.budget.clock(txn)
+            for j, start, kv in segments:
+                parent_stored = j == 1 or tree.node(txn, chunk_ids[:j]) is not None
+                if parent_stored:  # a parent evicted meanwhile leaves its children unreachable: skip them
+                    tree.put(txn, chunk_ids[: j + 1], start, kv, clock)
+            protect = set(chunk_ids) | {path_key(chunk_ids[: j + 1]) for j in range(1, len(chunk_ids))}
+            self.store.enforce_budget(protect, txn)
+
+    def wait_paths(self) -> None:
+        """Block until the tree holds what the last prefill computed (a failed save only loses the paths)."""
+        pending = self._path_save
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as exc:  # noqa: BLE001 - the answer stands; the next request computes them again
+                warnings.warn(f"ragblend: saving exact paths failed ({exc}); they will be computed again",
+                              RuntimeWarning, stacklevel=2)
+            self._path_save = None
+
+    def close(self) -> None:
+        self.wait_paths()
+        self._path_saver.shutdown(wait=True)
+
+    @torch.inference_mode()
+    def segment(self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> ChunkKV:
+        """Rows [start, end) of per-layer cache tensors as a stored span: keys back to pre-RoPE, fp16 on the
+        CPU (sessions' turns and the tree's nodes alike)."""
+        cos, sin = self.engine.rotary(end)
+        cos, sin = cos[:, start:end], sin[:, start:end]
+        keys = torch.stack([unrotate(k[0, :, start:end], cos, sin) for k, _ in layers])
+        values = torch.stack([v[0, :, start:end] for _, v in layers])
+        return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))

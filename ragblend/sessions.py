@@ -22,7 +22,6 @@ from transformers import DynamicCache
 from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.precompute import ChunkKV
-from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream
 from ragblend.contexts import ContextChunk
 from ragblend.engine.fusion import Prefill
@@ -49,6 +48,7 @@ class TurnRequest:
     sampling: SamplingConfig
     load_depth: int = 2
     retrieve_s: float = 0.0
+    order: str = "retrieval"
 
 
 class SessionBusyError(RuntimeError):
@@ -244,11 +244,13 @@ class SessionManager:
         history = self._history(record, kept)
         loaded = time.perf_counter()
         try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
+                                             turn.order)
         except CorruptKVError as error:
             self._drop_segment(record.id, error.key, kept)
             history = self._history(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve)
+            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
+                                             turn.order)
         return prepared, history, loaded
 
     def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
@@ -302,7 +304,7 @@ class SessionManager:
     def _recompute(self, session_id: str, history: History, turn: Turn) -> ChunkKV:
         """A turn whose save never committed (a crash): prefill its tokens behind the history and store them."""
         prepared = self.requests.prefill(history, [], turn.token_ids, "full", BlendConfig())
-        kv = segment_kv(self.requests, prepared.prefill.cache, len(history.token_ids), len(prepared.layout))
+        kv = self.requests.segment(_layers(prepared.prefill.cache), len(history.token_ids), len(prepared.layout))
         self._store_segment(session_id, turn, kv)
         return kv
 
@@ -364,7 +366,7 @@ class _TurnSave:
             tail = turn.token_ids[cached - start:]  # the last answer token and the joint were never fed
             if tail:
                 feed(self.manager.model, cache, tail, cached)
-            kv = segment_kv(self.manager.requests, cache, start, start + len(turn.token_ids))
+            kv = self.manager.requests.segment(_layers(cache), start, start + len(turn.token_ids))
             self.manager._store_segment(self.session_id, turn, kv)
         except Exception as exc:  # noqa: BLE001 - the turn stays unsaved and is recomputed when next needed
             warnings.warn(f"ragblend: saving a turn of session {label(*unscoped(self.session_id))} failed ({exc}); "
@@ -372,14 +374,8 @@ class _TurnSave:
         answer.timings["save_s"] = time.perf_counter() - began
 
 
-@torch.inference_mode()
-def segment_kv(requests: RequestPath, cache: DynamicCache, start: int, end: int) -> ChunkKV:
-    """Rows [start, end) of a cache as a stored segment: keys back to pre-RoPE, fp16 on the CPU."""
-    cos, sin = requests.engine.rotary(end)
-    cos, sin = cos[:, start:end], sin[:, start:end]
-    keys = torch.stack([unrotate(layer.keys[0, :, start:end], cos, sin) for layer in cache.layers])
-    values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
-    return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _unique(chunks: list[ContextChunk]) -> list[ContextChunk]:

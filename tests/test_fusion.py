@@ -1,4 +1,7 @@
-"""The online path's contract: every mode over the same prompt, blend exact at ratio 1, HKVD picks right."""
+"""The online path's contract: every mode over the same prompt, blend exact at ratio 1, HKVD picks right.
+
+The stores here keep no exact-path tree (`exact_paths=False`): these tests are of the fusion engine, which a
+path holding the whole prompt would bypass; tests/test_paths.py specifies the tree."""
 from __future__ import annotations
 
 import math
@@ -27,7 +30,8 @@ def rb_factory(tiny_model_factory, embedder, tmp_path_factory):
 
     def make(kind: str = "llama") -> RagBlend:
         if kind not in made:
-            made[kind] = RagBlend(tmp_path_factory.mktemp(f"store-{kind}"), model=tiny_model_factory(kind), embedder=embedder)
+            made[kind] = RagBlend(tmp_path_factory.mktemp(f"store-{kind}"), model=tiny_model_factory(kind), embedder=embedder,
+                                  exact_paths=False)
         return made[kind]
 
     return make

@@ -76,6 +76,24 @@ def test_chat_answers_equal_the_python_api(server, expected):
     assert reply.choices[0].message.content == expected[1]["contexts"]
 
 
+def test_cache_order_over_http_loads_the_exact_path_an_earlier_full_request_computed(server):
+    client = server.openai()
+
+    def ask(mode: str, order: str, contexts: list[str]):
+        return client.chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTION}],
+                                              max_tokens=4, extra_body={"mode": mode, "order": order,
+                                                                        "contexts": contexts})
+    passages = [d["text"] for d in DOCS[:3]]
+    full = ask("full", "retrieval", passages)
+    reply = ask("prefix", "cache", passages[::-1])
+    cached = reply.model_extra["ragblend"]
+    assert cached["order"] == "cache"
+    assert [c["chunk_id"] for c in cached["chunks"]] == [c["chunk_id"] for c in full.model_extra["ragblend"]["chunks"]]
+    assert cached["timings"]["exact_hit_tokens"] > 0 and reply.usage.model_extra["recomputed_tokens"] < \
+        full.usage.model_extra["recomputed_tokens"]
+    assert reply.choices[0].message.content == full.choices[0].message.content
+
+
 def test_streamed_chat_sends_the_same_text_then_usage_and_done(server, expected):
     chunks = list(server.openai().chat.completions.create(
         model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, stream=True))
@@ -152,6 +170,7 @@ def test_bad_requests_are_400_in_openai_format(server):
     with server.http() as http:
         before = http.post("/v1/search", json={"query": "lighthouse", "top_k": 32}).json()["data"]
         bad = [{"messages": [{"role": "user", "content": "hi"}], "mode": "turbo"},
+               {"messages": [{"role": "user", "content": "hi"}], "order": "best"},
                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
                {"messages": [{"role": "user", "content": "hi"}], "top_k": 0},
                {"messages": []},
@@ -220,7 +239,8 @@ def test_models_completions_metrics_and_readiness(server):
         assert http.get("/readyz").json()["status"] == "ready"
         page = http.get("/metrics").text
     for name in ("ragblend_requests_total", "ragblend_ttft_seconds_bucket", "ragblend_tokens_total",
-                 "ragblend_kv_chunks_total", "ragblend_queue_depth", "ragblend_tier_bytes"):
+                 "ragblend_kv_chunks_total", "ragblend_queue_depth", "ragblend_tier_bytes",
+                 "ragblend_exact_path_tokens_total", "ragblend_exact_path_bytes"):
         assert name in page
 
 

@@ -183,3 +183,14 @@ def test_two_serve_replicas_answer_one_session_alternately(smollm_dir, embedder,
             messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
     finally:
         assert [r.stop() for r in replicas] == [0, 0]
+
+
+def test_an_exact_path_one_replica_computed_is_loaded_by_another(model_dir, embedder, server, tmp_path):
+    with replica(tmp_path / "a", model_dir, embedder, server) as a, replica(tmp_path / "b", model_dir, embedder,
+                                                                             server) as b:
+        full = a.query(QUESTION, contexts=PASSAGES, mode="full", max_new_tokens=6)
+        a.requests.wait_paths()
+        exact = b.query(QUESTION, contexts=PASSAGES, mode="prefix", max_new_tokens=6)
+        assert exact.timings["exact_hit_tokens"] == sum(c.tokens for c in exact.chunks)
+        assert exact.token_ids == full.token_ids
+        assert b.stats().paths == len(exact.chunks) - 1

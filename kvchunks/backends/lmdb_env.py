@@ -27,7 +27,7 @@ class LmdbEnv:
         self.path, self.readonly = path, readonly
         if readonly and not (path / "data.mdb").is_file():
             raise FileNotFoundError(f"no ragblend store at {path}")
-        self.env = lmdb.open(str(path.resolve()), map_size=_map_size(), max_dbs=16, readonly=readonly)
+        self.env = lmdb.open(str(path.resolve()), map_size=_map_size(), max_dbs=32, readonly=readonly)
 
     def begin(self, write: bool = False, buffers: bool = False) -> lmdb.Transaction:
         return self.env.begin(write=write, buffers=buffers)

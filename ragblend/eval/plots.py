@@ -1,4 +1,5 @@
-"""PNG plots for the evaluation: quality against TTFT, the recompute-ratio sweep, TTFT against context."""
+"""PNG plots for the evaluation: quality against TTFT, the recompute-ratio sweep, TTFT against context, and
+TTFT against the share of prompt chunks served by the exact-path tree."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -85,4 +86,18 @@ def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
     kl.set(xlabel="recompute ratio", ylabel="first-token KL to full", title="Distance to full prefill")
     speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
     kept.legend(fontsize=7)
+    _save(fig, path)
+
+
+def ttft_vs_hit_share(runs: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    """`runs`: configuration -> (per-request tree hit share, per-request TTFT / full's median); each request
+    faint, each configuration's medians bold."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (name, (shares, ratios)), color in zip(runs.items(), plt.cm.tab10.colors):
+        ax.scatter(shares, ratios, s=6, alpha=0.25, color=color)
+        ax.scatter(sorted(shares)[len(shares) // 2], sorted(ratios)[len(ratios) // 2], s=60, color=color,
+                   edgecolor="black", label=name)
+    ax.set(xlabel="share of chunk tokens loaded from the exact-path tree", ylabel="TTFT / full prefill's median",
+           title="TTFT against exact-path hits, by mode and order")
+    ax.legend(fontsize=7)
     _save(fig, path)

@@ -57,7 +57,7 @@ class AnswerWork:
         contexts = p.contexts
         if contexts is None and self._retrieved.is_set() and self._hits:
             contexts = self._hits
-        options = dict(contexts=contexts, top_k=p.top_k, mode=p.mode, recompute_ratio=p.recompute_ratio,
+        options = dict(contexts=contexts, top_k=p.top_k, mode=p.mode, order=p.order, recompute_ratio=p.recompute_ratio,
                        max_new_tokens=p.new_tokens, temperature=p.temperature, stop=p.stops, stream=True,
                        seed=p.seed)
         if self.session is None and self.conversation.stateless:

@@ -106,7 +106,8 @@ def _error_response(exc: BaseException) -> JSONResponse:
 def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     scheduler = Scheduler(config.max_queue, prefetch=config.prefetch, workers=config.max_batch)
     jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
-    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb), lambda: rb.requests.batcher.stats)
+    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb), lambda: rb.requests.batcher.stats,
+                      lambda: _path_bytes(rb))
     model_name = Path(rb.model.name).name
     started = int(time.time())
 
@@ -267,6 +268,11 @@ def _tier_bytes(rb: RagBlend) -> dict[str, int]:
     with rb.store.env.begin() as txn:
         disk = rb.store.kv.payload_bytes(txn) + sessions.kv.payload_bytes(txn)
     return {"ram": sessions.ram.bytes, "disk": disk}
+
+
+def _path_bytes(rb: RagBlend) -> int:
+    with rb.store.env.begin() as txn:
+        return rb.store.paths.kv.payload_bytes(txn)
 
 
 async def _until_done(request: Request, job: Job, result: asyncio.Future):

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 class Metrics:
     def __init__(self, queue_depth: Callable[[], int], tier_bytes: Callable[[], dict[str, int]],
-                 batches: Callable[[], BatchStats]):
+                 batches: Callable[[], BatchStats], path_bytes: Callable[[], int]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ragblend_requests", "HTTP requests", ["endpoint", "status"], registry=r)
@@ -29,11 +29,15 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("ragblend_tokens", "tokens by kind", ["kind"], registry=r)
         self.kv_chunks = Counter("ragblend_kv_chunks", "chunk KV uses", ["result"], registry=r)
+        self.exact_tokens = Counter("ragblend_exact_path_tokens", "prompt tokens whose KV came from the exact-path "
+                                    "tree (its first chunk's record included)", registry=r)
         self.history = Counter("ragblend_session_history", "conversation turns by where their KV came from",
                                ["source"], registry=r)
         Gauge("ragblend_queue_depth", "requests queued or running", registry=r).set_function(queue_depth)
         Gauge("ragblend_decode_batch_mean", "requests fed per decode step, on average since start",
               registry=r).set_function(lambda: batches().tokens / max(batches().steps, 1))
+        Gauge("ragblend_exact_path_bytes", "KV bytes the exact-path tree holds in the store",
+              registry=r).set_function(path_bytes)
         tiers = Gauge("ragblend_tier_bytes", "KV bytes held per tier", ["tier"], registry=r)
         for tier in ("ram", "disk"):
             tiers.labels(tier).set_function(lambda tier=tier: tier_bytes()[tier])
@@ -46,6 +50,7 @@ class Metrics:
         self.tokens.labels("generated").inc(len(answer.token_ids))
         self.kv_chunks.labels("hit").inc(answer.timings.get("kv_hits", 0))
         self.kv_chunks.labels("miss").inc(answer.timings.get("kv_misses", 0))
+        self.exact_tokens.inc(answer.timings.get("exact_hit_tokens", 0))
         if "history_source" in answer.timings:
             self.history.labels(str(answer.timings["history_source"])).inc()
 

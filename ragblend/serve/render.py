@@ -21,7 +21,7 @@ def usage(answer: Answer) -> dict:
 
 
 def details(answer: Answer) -> dict:
-    return {"mode": answer.mode, "ttft_s": answer.ttft_s,
+    return {"mode": answer.mode, "order": answer.order, "ttft_s": answer.ttft_s,
             "chunks": [{"doc_id": c.doc_id, "chunk_id": c.chunk_id, "score": c.score} for c in answer.chunks],
             "timings": dict(answer.timings)}
 

@@ -71,6 +71,7 @@ class Generation(Body):
     seed: int | None = None
     top_k: int = Field(default=4, ge=1, le=LIMITS.max_top_k)
     mode: str = "blend"
+    order: Literal["retrieval", "cache"] = "retrieval"
     recompute_ratio: float | Literal["auto"] | None = None
     contexts: list[str] | None = Field(default=None, min_length=1, max_length=LIMITS.max_contexts)
 

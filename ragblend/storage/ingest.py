@@ -186,8 +186,7 @@ class Ingestor:
             else:
                 dead.append(cid)
                 self.store.docs.delete_chunk(txn, record)
-                self.store.kv.delete(txn, cid)
-                self.store.budget.forget(txn, cid)
+                self.store.drop_kv(txn, [cid])
         return live, dead
 
     # ---- the whole run --------------------------------------------------------------------------

@@ -45,15 +45,13 @@ def collect_garbage(store: Store, dry_run: bool = False) -> GcReport:
         for chunk_id in dead_kv:
             meta = store.kv.meta(txn, chunk_id)
             report.bytes_freed += meta.payload_bytes
-        foreign = [(kv, key, size) for kv in (store.kv, sessions.kv) for key, size in kv.foreign(txn)]
+        foreign = [(kv, key, size) for kv in (store.kv, sessions.kv, store.paths.kv) for key, size in kv.foreign(txn)]
         report.foreign_records = len(foreign)
         report.bytes_freed += sum(size for _, _, size in foreign)
         if not dry_run:
             for chunk_id in report.orphan_chunks:
                 store.docs.delete_chunk(txn, chunks[chunk_id])
-            for chunk_id in dead_kv:
-                store.kv.delete(txn, chunk_id)
-                store.budget.forget(txn, chunk_id)
+            store.drop_kv(txn, dead_kv)
             for kv, key, _ in foreign:
                 kv.delete_foreign(txn, key)
     now = time.time()

@@ -20,6 +20,7 @@ from index.vector_index import IdFilter, VectorIndex
 from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
+from kvchunks.paths import PathTree
 
 FORMAT_VERSION = 1
 
@@ -62,6 +63,10 @@ class StoreStats:
     session_bytes: int = 0  # conversation KV on disk (each process's RAM tier holds a bounded copy)
     evictable_bytes: int = 0  # chunk KV that is not pinned
     medium: str = "on disk"  # where disk_bytes and session KV live: the LMDB files, or a Redis server's memory
+    paths: int = 0  # exact-path tree nodes (chunk sequences of depth >= 2 computed in full context)
+    path_bytes: int = 0
+    path_hits: int = 0  # requests that loaded an exact path of depth >= 2
+    path_hit_tokens: int = 0
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -75,6 +80,8 @@ class StoreStats:
              + (f" ({self.kv_bytes / self.tokens:,.0f} B/token)" if self.tokens else "")),
             ("pinned", f"{self.pinned_bytes / 1e6:,.1f} MB (evictable {self.evictable_bytes / 1e6:,.1f} MB)"),
             ("KV uses", f"{self.kv_hits:,} hits, {self.kv_misses:,} misses, {self.evictions:,} evictions"),
+            ("exact paths", f"{self.paths:,} ({self.path_bytes / 1e6:,.1f} MB), {self.path_hits:,} hits "
+                            f"({self.path_hit_tokens:,} tokens)"),
             ("sessions", f"{self.sessions:,} ({self.session_bytes / 1e6:,.1f} MB of KV {self.medium})"),
             (self.medium, f"{self.disk_bytes / 1e6:,.1f} MB"),
         ]
@@ -99,6 +106,7 @@ class Store:
         self.docs = DocStore(self.env)
         self.manifest = self._read_manifest()
         self.kv: KVStore | None = None
+        self.paths: PathTree | None = None  # None on a read-only open: only the writer keeps the tree
         self.budget: KVBudget | None = None
         if self.manifest:
             self._open_kv(self.manifest)
@@ -111,7 +119,17 @@ class Store:
 
     def _open_kv(self, manifest: Manifest) -> None:
         self.kv = KVStore(self.env, manifest.kv_fingerprint, dtype=manifest.kv_dtype)
-        self.budget = KVBudget(self.env, self.kv, self.meta_db)
+        if not self.readonly:
+            self.paths = PathTree(self.env, manifest.kv_fingerprint, manifest.kv_dtype)
+        self.budget = KVBudget(self.env, self.kv, self.meta_db, self.paths)
+
+    def drop_kv(self, txn: lmdb.Transaction, chunk_ids: list[str]) -> None:
+        """Delete these chunks' KV and every exact path through them (a changed, deleted or expired chunk)."""
+        for chunk_id in chunk_ids:
+            self.kv.delete(txn, chunk_id)
+            self.budget.forget(txn, chunk_id)
+        if self.paths is not None:
+            self.paths.drop_through(txn, chunk_ids)
 
     def _read_manifest(self, txn: lmdb.Transaction | None = None) -> Manifest | None:
         if txn is None:
@@ -283,16 +301,22 @@ class Store:
                     tokens += meta.tokens
             budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
             sessions, session_bytes = self._count(txn, b"sessions"), self._session_bytes(txn)
+            paths, path_bytes = self._count(txn, b"pathnodes"), self._kv_bytes(txn, b"path")
         disk = self.env.size_bytes()
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
                           pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
-                          sessions=sessions, session_bytes=session_bytes, medium=self.env.medium, **budget)
+                          sessions=sessions, session_bytes=session_bytes, medium=self.env.medium,
+                          paths=paths, path_bytes=path_bytes, **budget)
 
     def _session_bytes(self, txn: lmdb.Transaction) -> int:
         """KV bytes of every conversation turn on disk (the session records' metadata)."""
+        return self._kv_bytes(txn, b"session")
+
+    def _kv_bytes(self, txn: lmdb.Transaction, family: bytes) -> int:
+        """KV bytes of every record of a family (`session`, `path`) from its metadata; 0 if never written."""
         try:
-            db = self.env.open_db(b"sessionmeta", txn=txn, create=False)
+            db = self.env.open_db(family + b"meta", txn=txn, create=False)
         except lmdb.Error:
             return 0
         with txn.cursor(db=db) as cursor:
@@ -333,9 +357,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             expired = [d for d in self.expired_documents(txn, now) if d.expire == "kv"]
             for doc in expired:
-                for chunk_id in doc.chunk_ids:
-                    self.kv.delete(txn, chunk_id)
-                    self.budget.forget(txn, chunk_id)
+                self.drop_kv(txn, doc.chunk_ids)
                 doc.expires_at = None
                 self.docs.put_doc(txn, doc)
         return [d.doc_id for d in expired]
