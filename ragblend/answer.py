@@ -30,20 +30,47 @@ class Answer:
 
 
 class AnswerStream:
-    """Iterate for text pieces as they are generated; `.answer` holds the full Answer afterwards."""
+    """Iterate for text pieces as they are generated; `.answer` holds the full Answer afterwards.
 
-    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Answer]):
-        self._pieces, self._finish = pieces, finish
+    What the stream holds (a session's lock, through `on_close`) is freed when it is exhausted, when it
+    is closed (`close()`, a `with` block, or an abandoned `for` loop's iterator being collected), and only
+    once. An inner iterator with a `close` is closed with it, so nested streams release from the outside in.
+    """
+
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Answer],
+                 on_close: Callable[[], None] | None = None):
+        self._pieces, self._finish, self._on_close = pieces, finish, on_close
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
         text = []
-        for piece in self._pieces:
-            text.append(piece)
-            yield piece
-        self.answer = self._finish("".join(text))
+        try:
+            for piece in self._pieces:
+                text.append(piece)
+                yield piece
+            self.answer = self._finish("".join(text))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop generating and free what the stream holds; the answer stays unset unless it had finished."""
+        try:
+            close = getattr(self._pieces, "close", None)
+            if close is not None:
+                close()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
+
+    def __enter__(self) -> AnswerStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def collect(self) -> Answer:
-        for _ in self:
-            pass
+        with self:
+            for _ in self:
+                pass
         return self.answer

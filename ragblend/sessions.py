@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -51,8 +51,16 @@ class TurnRequest:
     order: str = "retrieval"
 
 
+class SessionBusyError(RuntimeError):
+    """Another turn of the session is running (and did not finish within the manager's `busy_wait_s`)."""
+
+
 class SessionManager:
     """Every open conversation of one RagBlend: their locks, pending saves, shared prefixes and TTL sweep."""
+
+    busy_wait_s = 5.0  # a turn waits this long for the session's running one: a follow-up sent as the last
+    # finishes gets in, a second turn sent while one runs (a client retrying a timed-out request) is
+    # refused rather than queued behind it for as long as that answer takes
 
     def __init__(self, sessions: SessionStore, requests: RequestPath, template: PromptTemplate,
                  embed: Callable[[str], np.ndarray], sweep_every_s: float = 60.0):
@@ -186,8 +194,12 @@ class SessionManager:
 
     def send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
              stream: bool) -> Answer | AnswerStream:
+        """One turn, holding the session's lock until the answer is done (a stream: until it is exhausted
+        or closed). A turn that finds another one running waits `busy_wait_s`, then raises SessionBusyError."""
         lock = self._session_lock(session_id)
-        lock.acquire()
+        if not lock.acquire(timeout=self.busy_wait_s):
+            raise SessionBusyError(f"session {label(*unscoped(session_id))} is answering another turn; "
+                                   "retry when it has finished")
         try:
             self.wait(session_id)
             result = self._send(session_id, turn, on_topic_switch, max_history_tokens, stream, lock.release)
@@ -214,7 +226,7 @@ class SessionManager:
         saved = _TurnSave(self, session_id, prepared, chunks, turn.question, embedding,
                           {t.segment for t in kept}, template)
         answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=saved.commit)
-        return _released(answer, release) if stream else answer
+        return AnswerStream(answer, lambda _text: answer.answer, on_close=release) if stream else answer
 
     def _plan(self, template: PromptTemplate, turns: list[Turn], turn: TurnRequest,
               max_history_tokens: int | None) -> tuple[list[Turn], list[ContextChunk], list[int]]:
@@ -369,16 +381,3 @@ def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _unique(chunks: list[ContextChunk]) -> list[ContextChunk]:
     seen: set[str] = set()
     return [c for c in chunks if not (c.chunk_id in seen or seen.add(c.chunk_id))]
-
-
-def _released(stream: AnswerStream, release: Callable[[], None]) -> AnswerStream:
-    """The stream holds its session until it is consumed or closed."""
-    pieces = iter(stream)
-
-    def guarded() -> Iterator[str]:
-        try:
-            yield from pieces
-        finally:
-            release()
-
-    return AnswerStream(guarded(), lambda _text: stream.answer)

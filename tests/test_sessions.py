@@ -15,6 +15,7 @@ from kvchunks.rope import apply_rope, unrotate
 from kvchunks.tiers import RamTier
 from conftest import make_tiny_model_dir
 from ragblend import RagBlend, SessionNotFoundError
+from ragblend.sessions import SessionBusyError
 
 PASSAGES = [
     "The lighthouse of Varn was built in 1821 by the engineer Oda Pell. It stands on a granite cliff.",
@@ -161,6 +162,32 @@ def test_streamed_turn_is_saved_like_a_collected_one(rb):
     text = "".join(stream)
     assert stream.answer.text == text.strip()
     assert chat.turns == 1
+
+
+def test_a_streamed_turn_left_early_frees_its_session_and_is_not_recorded(rb):
+    chat = rb.chat()
+    for _ in chat.send("Who built the lighthouse?", contexts=PASSAGES[:2], max_new_tokens=32, stream=True):
+        break  # the loop's iterator is collected here: the stream closes, the session's lock with it
+    stream = chat.send("Who built the lighthouse?", contexts=PASSAGES[:2], max_new_tokens=32, stream=True)
+    pieces = iter(stream)
+    next(pieces)
+    stream.close()  # while `pieces` is still held
+    assert chat.turns == 0  # neither turn finished
+    assert chat.send("And the bridges?", contexts=PASSAGES[1:], max_new_tokens=4).text is not None
+    assert chat.turns == 1
+
+
+def test_a_turn_waits_a_bounded_time_for_a_running_one(rb, monkeypatch):
+    monkeypatch.setattr(rb.session_manager, "busy_wait_s", 0.2)
+    chat = rb.chat()
+    with chat.send("Who built the lighthouse?", contexts=PASSAGES[:2], max_new_tokens=8, stream=True) as running:
+        pieces = iter(running)
+        next(pieces)
+        started = time.monotonic()
+        with pytest.raises(SessionBusyError, match="answering another turn"):
+            chat.send("And the bridges?", contexts=PASSAGES[1:], max_new_tokens=4)
+        assert time.monotonic() - started < 5
+    assert chat.send("And the bridges?", contexts=PASSAGES[1:], max_new_tokens=4).text is not None
 
 
 def test_unknown_session_is_an_error_unless_created(rb):

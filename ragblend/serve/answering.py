@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from index.namespaces import scoped
-from ragblend.answer import Answer
+from ragblend.answer import Answer, AnswerStream
 from ragblend.api import RagBlend
 from ragblend.chat import Chat
 from ragblend.serve.conversation import Conversation, check_continues
-from ragblend.serve.scheduler import Cancelled, Job
+from ragblend.serve.scheduler import Job
 from ragblend.serve.schemas import Generation
 
 
@@ -85,11 +85,11 @@ class AnswerWork:
             chat.seed(conversation.exchanges)
         return chat
 
-    def _collect(self, job: Job, stream) -> Answer:
-        pieces = iter(stream)
-        for piece in pieces:
-            if job.cancelled.is_set():
-                pieces.close()
-                raise Cancelled("the client went away")
-            self.emit(piece)
+    def _collect(self, job: Job, stream: AnswerStream) -> Answer:
+        """The stream's answer, emitting its pieces; closed on every exit (cancelled, failed or done), so
+        what it holds, a session's lock above all, is released before the job ends."""
+        with stream:
+            for piece in stream:
+                job.check()
+                self.emit(piece)
         return stream.answer

@@ -27,6 +27,7 @@ from ragblend.answer import Answer
 from ragblend.api import RagBlend
 from ragblend.serve.answering import AnswerWork
 from ragblend.serve.conversation import Conversation, HistoryConflict, parse
+from ragblend.serve.guard import Guard
 from ragblend.serve.ingest_jobs import IngestJobs
 from ragblend.serve.metrics import Metrics
 from ragblend.serve.render import (
@@ -46,11 +47,11 @@ from ragblend.serve.schemas import (
     SearchRequest,
 )
 from ragblend.session_store import SessionNotFoundError
-from ragblend.storage.documents import DocumentError, coerce_document, read_documents
+from ragblend.sessions import SessionBusyError
+from ragblend.storage.documents import SUPPORTED_SUFFIXES, DocumentError, coerce_document, read_documents
 from ragblend.storage.store import StoreMismatchError
 
 NAMESPACE_HEADER = "x-ragblend-namespace"
-OPEN_PATHS = {"/healthz"}
 _END = object()
 
 
@@ -83,6 +84,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return ApiError(404, exc.args[0], "not_found_error")
     if isinstance(exc, HistoryConflict):
         return ApiError(409, str(exc), "conflict_error")
+    if isinstance(exc, SessionBusyError):
+        return ApiError(409, str(exc), "conflict_error", {"Retry-After": "1"})
     if isinstance(exc, StoreMismatchError):
         return ApiError(503, str(exc), "server_error")
     if isinstance(exc, BackendUnavailableError):
@@ -116,18 +119,14 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
         await asyncio.to_thread(jobs.close)
         await asyncio.to_thread(rb.close)
 
-    app = FastAPI(title="ragblend", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        ceiling = config.limits.max_upload_bytes if request.url.path == "/v1/documents" else config.limits.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > ceiling:
-            response = JSONResponse(error_body(f"request body over {ceiling:,} bytes", "invalid_request_error"), 413)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    # The schema is served behind the key like every other endpoint; the interactive pages are not
+    # served (a browser opening them sends no key).
+    app = FastAPI(title="ragblend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        Guard,
+        limit=lambda path: config.limits.max_upload_bytes if path == "/v1/documents" else config.limits.max_body_bytes,
+        count=lambda route, status: metrics.requests.labels(route, str(status)).inc(),
+        reject=lambda exc: JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError):
@@ -146,9 +145,10 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
         """The request's namespace: its API key's, or (keys not bound to one) the namespace header's."""
         asked = request.headers.get(NAMESPACE_HEADER)
         if config.api_keys:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            given = given.strip() if scheme.lower() == "bearer" else ""
             matches = [key for key in config.api_keys if hmac.compare_digest(key.encode(), given.encode())]
-            if not matches:
+            if not given or not matches:
                 raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
             bound = config.api_keys[matches[0]]
             if bound is not None:
@@ -242,6 +242,10 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise ApiError(404, exc.args[0], "not_found_error") from None
         return {"id": doc_id, "deleted": True}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_namespace: str = Depends(tenant)):
+        return app.openapi()
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -290,9 +294,9 @@ async def _documents_of(request: Request):
         uploads = [item for item in form.getlist("files") + form.getlist("file") if hasattr(item, "filename")]
         if not uploads:
             raise ApiError(400, "upload files in a multipart field named 'files'")
+        names = _upload_names(uploads)
         with tempfile.TemporaryDirectory() as folder:
-            for upload in uploads:
-                name = Path(upload.filename or "upload.txt").name
+            for name, upload in zip(names, uploads):
                 (Path(folder) / name).write_bytes(await upload.read())
             try:
                 return await asyncio.to_thread(read_documents, [folder]), None
@@ -307,6 +311,20 @@ async def _documents_of(request: Request):
         raise ApiError(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     return [coerce_document(d.model_dump(exclude_none=True), f"documents[{i}]")
             for i, d in enumerate(body.documents)], body.ttl_s
+
+
+def _upload_names(uploads) -> list[str]:
+    """The files' names, which become their document ids: each must be a supported file's, and distinct
+    (two parts named alike would otherwise overwrite each other, silently keeping only the last)."""
+    names = [Path(upload.filename or "upload.txt").name for upload in uploads]
+    for name in names:
+        if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES or name.startswith("."):
+            raise ApiError(400, f"{name!r}: unsupported file name (use a name ending in {', '.join(SUPPORTED_SUFFIXES)})")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ApiError(400, f"two uploaded files are both named {repeated[0]!r}: each file's name is its document "
+                            "id, so give each a distinct name")
+    return names
 
 
 async def _sse(job: Job, events: asyncio.Queue, result: asyncio.Future, first, work: AnswerWork, render: ChatRender,

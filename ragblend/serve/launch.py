@@ -45,14 +45,36 @@ class ServerProcess:
         self.process.kill()
         raise RuntimeError(f"ragblend serve did not answer /healthz within {timeout_s:.0f} s")
 
-    def client(self, **kwargs) -> httpx.Client:
+    def client(self, timeout: float = 300, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=300, **kwargs)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, **kwargs)
 
     def rss_bytes(self) -> tuple[int, int]:
         """(current, peak) resident memory of the server process."""
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines())
         return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM"))
+
+    def metric(self, sample: str) -> float:
+        """One sample's value from /metrics, as written there (`ragblend_queue_depth`,
+        `ragblend_requests_total{endpoint="/v1/search",status="200"}`); 0 when absent."""
+        with self.client() as http:
+            page = http.get("/metrics", timeout=10).text
+        values = [line.rsplit(" ", 1)[1] for line in page.splitlines() if line.startswith(sample + " ")]
+        return float(values[0]) if values else 0.0
+
+    def wait_idle(self, timeout_s: float) -> float:
+        """Seconds until no request is queued or running; TimeoutError after `timeout_s`."""
+        start = time.monotonic()
+        while self.metric("ragblend_queue_depth") > 0:
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"requests still queued or running after {timeout_s:.0f} s")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to finish anything."""
+        self.process.kill()
+        self.process.wait(timeout=30)
 
     def stop(self, timeout_s: float = 120) -> int:
         """SIGTERM, then the exit code (0 after a graceful shutdown)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ragblend.request import MODES
+from ragblend.storage.documents import DocumentError, check_unicode
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,20 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+class Body(BaseModel):
+    """A request body: every string in it is checked to be valid Unicode once, here, before any field is
+    read (chat messages, contexts, prompts, queries, stops, documents and their metadata alike)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        try:
+            check_unicode(data, "")
+        except DocumentError as exc:
+            raise PydanticCustomError("invalid_unicode", "{problem}", {"problem": str(exc)}) from None
+        return data
 
 
 class Message(BaseModel):
@@ -40,7 +56,7 @@ class Message(BaseModel):
         return "".join(parts)
 
 
-class Generation(BaseModel):
+class Generation(Body):
     """Fields shared by chat and plain completions."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields (user, seed...) a server may ignore
@@ -69,8 +85,11 @@ class Generation(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, stop):
-        if isinstance(stop, list) and len(stop) > 4:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if "" in stops:
+            raise ValueError("a stop sequence must not be empty (it would end every answer before it began)")
         return stop
 
     @property
@@ -91,7 +110,7 @@ class CompletionRequest(Generation):
     prompt: str = Field(min_length=1)
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(Body):
     query: str = Field(min_length=1)
     top_k: int = Field(default=4, ge=1, le=LIMITS.max_top_k)
 
@@ -106,6 +125,6 @@ class DocumentIn(BaseModel):
     expire: Literal["kv", "document"] = "kv"
 
 
-class DocumentsRequest(BaseModel):
+class DocumentsRequest(Body):
     documents: list[DocumentIn] = Field(min_length=1, max_length=LIMITS.max_documents)
     ttl_s: float | None = Field(default=None, gt=0)

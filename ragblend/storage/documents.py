@@ -30,6 +30,24 @@ class Document:
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def check_unicode(value: object, where: str) -> None:
+    """Every string in `value` (nested dicts and lists too, keys included) must be valid Unicode; `where`
+    names `value` in the error ("" for a request body: its fields name themselves). JSON
+    may carry a lone surrogate ("\\ud800"), which Python decodes but the tokenizer and UTF-8 cannot take."""
+    pending = [(value, where)]
+    while pending:
+        item, at = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DocumentError(f"{at}: not valid Unicode (a lone surrogate at character {exc.start})") from None
+        elif isinstance(item, dict):
+            pending += [(key, at) for key in item] + [(v, f"{at}.{key}".lstrip(".")) for key, v in item.items()]
+        elif isinstance(item, (list, tuple)):
+            pending += [(v, f"{at}.{i}".lstrip(".")) for i, v in enumerate(item)]
+
+
 def text_id(text: str) -> str:
     return "doc-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -42,6 +60,7 @@ def coerce_document(item: str | dict | Document, where: str = "document") -> Doc
         item = {"text": item}
     if not isinstance(item, dict):
         raise DocumentError(f"{where}: expected a string or a dict with 'text', got {type(item).__name__}")
+    check_unicode(item, where)
     text = item.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DocumentError(f"{where}: 'text' must be a non-empty string")
