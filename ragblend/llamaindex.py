@@ -22,8 +22,14 @@ try:
         StreamingResponse,
     )
     from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
-    from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, QueryBundle, RelatedNodeInfo, \
-        TextNode
+    from llama_index.core.schema import (
+        MetadataMode,
+        NodeRelationship,
+        NodeWithScore,
+        QueryBundle,
+        RelatedNodeInfo,
+        TextNode,
+    )
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ragblend.llamaindex needs llama-index-core: pip install 'ragblend[llamaindex]'") from exc
 
