@@ -9,6 +9,7 @@ hashes), so its stored KV is reused; nodes from any other LlamaIndex retriever w
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -142,10 +143,21 @@ def _pieces(stream, metadata: dict[str, Any]) -> Iterator[str]:
 
 
 async def _async_pieces(pieces: Iterator[str]) -> AsyncIterator[str]:
-    """Each decode step on a worker thread, so the event loop keeps running between tokens."""
-    done = object()
+    """Each decode step on a worker thread, so the event loop keeps running between tokens. However the
+    consumer stops (the end, a break, a cancelled task), the stream is closed once its current step is done
+    (a generator cannot be closed while another thread runs it)."""
+    done, lock = object(), threading.Lock()
+
+    def step():
+        with lock:
+            return next(pieces, done)
+
+    def close():
+        with lock:
+            pieces.close()
+
     try:
-        while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
+        while (piece := await asyncio.to_thread(step)) is not done:
             yield piece
     finally:
-        pieces.close()
+        await asyncio.to_thread(close)

@@ -106,6 +106,20 @@ def test_async_query_and_async_streaming(rb):
     assert metadata["timings"]["kv_hits"] == 2
 
 
+def test_an_async_stream_left_early_leaves_the_engine_answering(rb):
+    engine = RagBlendQueryEngine(ragblend=rb, similarity_top_k=2, **SAMPLE, streaming=True)
+
+    async def leave_early():
+        stream = await engine.aquery(QUESTION)
+        pieces = stream.async_response_gen()
+        first = await anext(pieces)
+        await pieces.aclose()
+        return first, stream.metadata, "".join([p async for p in (await engine.aquery(QUESTION)).async_response_gen()])
+
+    first, metadata, whole = asyncio.run(leave_early())
+    assert whole.strip().startswith(first.strip()) and metadata == {}  # never finished, so no numbers
+
+
 def test_query_engine_reports_query_and_retrieve_events(rb):
     debug = LlamaDebugHandler()
     engine = RagBlendQueryEngine(ragblend=rb, similarity_top_k=2, max_new_tokens=4,
