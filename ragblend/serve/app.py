@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP surface over one RagBlend: chat and plain completions (streamed or not),
-search, document management, health, readiness and metrics. Answers queue in the scheduler; errors
-come back in OpenAI's format."""
+search, document management, store stats, health, readiness and metrics, and a chat page at `/`.
+Answers queue in the scheduler; errors come back in OpenAI's format."""
 from __future__ import annotations
 
 import asyncio
@@ -11,12 +11,12 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -52,6 +52,7 @@ from ragblend.storage.documents import SUPPORTED_SUFFIXES, DocumentError, coerce
 from ragblend.storage.store import StoreMismatchError
 
 NAMESPACE_HEADER = "x-ragblend-namespace"
+PAGE = Path(__file__).parent / "static" / "index.html"  # one file: no build step, nothing from elsewhere
 _END = object()
 
 
@@ -245,6 +246,16 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(_namespace: str = Depends(tenant)):
         return app.openapi()
+
+    @app.get("/v1/stats")
+    async def stats(_namespace: str = Depends(tenant)):
+        """The whole store's numbers (as `ragblend stats --json` prints them, and as /readyz counts documents)."""
+        return asdict(await asyncio.to_thread(rb.store.stats))
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The chat page; it asks for the API key itself, so it is served without one."""
+        return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/healthz")
     async def healthz():

@@ -65,4 +65,6 @@ def serve(store: str, model: str | None = None, embedder: str | None = None, hos
     app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, max_batch=max_batch, prefetch=prefetch))
     for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful
         signal.signal(stop, lambda *_: None)      # shutdown: let that return here and exit 0
+    shown = f"[{host}]" if ":" in host else host
+    print(f"ragblend: serving on http://{shown}:{port}/ (open it in a browser to chat)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
