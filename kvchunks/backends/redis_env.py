@@ -108,9 +108,9 @@ class RedisEnv:
     def __init__(self, url: str):
         redis = _redis()
         self.url = url
-        self.client = self._connect(url)
         self._errors = self._connection_errors(redis)
-        with self.translated("connect to"):
+        with self.translated("connect to"):  # a cluster client asks its nodes for the slot map right away
+            self.client = self._connect(url)
             self.client.ping()
         self._check_eviction_policy()
         self._commit = self.client.register_script(_COMMIT)

@@ -120,9 +120,13 @@ class RedisClusterProcess:
             raise
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
+    @staticmethod
+    def _cli(node: RedisProcess, *command: str) -> str:
+        return subprocess.run([_cli(), "-p", str(node.port), *command], capture_output=True, text=True,
+                              timeout=5).stdout
+
     def _info(self, node: RedisProcess) -> dict[str, str]:
-        out = subprocess.run([_cli(), "-p", str(node.port), "cluster", "info"], capture_output=True, text=True,
-                             timeout=5).stdout
+        out = self._cli(node, "cluster", "info")
         return dict(line.strip().split(":", 1) for line in out.splitlines() if ":" in line)
 
     def running(self) -> list[RedisProcess]:
@@ -139,6 +143,14 @@ class RedisClusterProcess:
             time.sleep(0.1)
         raise RuntimeError(f"the cluster did not serve every slot within {timeout_s:.0f} s: "
                            f"{json.dumps([self._info(n) for n in self.running()])}")
+
+    def primaries(self) -> list[RedisProcess]:
+        return [n for n in self.running() if "role:master" in self._cli(n, "info", "replication")]
+
+    def flush(self) -> None:
+        """Empty every primary (their replicas follow), as between two tests."""
+        for node in self.primaries():
+            self._cli(node, "flushall")
 
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
