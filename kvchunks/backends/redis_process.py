@@ -3,7 +3,6 @@ trying the shared backend on one machine: one server, or a Redis Cluster of seve
 killed and restarted (same port, same data) as an operator would, so faults are the servers' own."""
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
@@ -132,17 +131,45 @@ class RedisClusterProcess:
     def running(self) -> list[RedisProcess]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
 
-    def wait_until_serving(self, timeout_s: float = 60) -> None:
-        """Until every running node reports the cluster up with every slot served (after a create, a
-        restart or a failover)."""
+    def _owners_running(self) -> bool:
+        """Whether every node that owns slots, as a running node sees the cluster, is itself running."""
+        ports = {n.port for n in self.running()}
+        for line in self._cli(self.running()[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) > 8 and "master" in fields[2]:  # a primary with slot ranges
+                if "fail" in fields[2] or int(fields[1].split("@")[0].rsplit(":", 1)[1]) not in ports:
+                    return False
+        return True
+
+    def _poll(self, ready, what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            infos = [self._info(n) for n in self.running()]
-            if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384" for i in infos):
-                return
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not {what} within {timeout_s:.0f} s")
             time.sleep(0.1)
-        raise RuntimeError(f"the cluster did not serve every slot within {timeout_s:.0f} s: "
-                           f"{json.dumps([self._info(n) for n in self.running()])}")
+
+    def wait_until_serving(self, timeout_s: float = 60) -> None:
+        """Until every slot is served by a running primary, as every running node sees it (after a
+        create, a restart, or a primary's death and its replica's promotion)."""
+        def ready() -> bool:
+            infos = [self._info(n) for n in self.running()]
+            return bool(infos) and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
+                                       for i in infos) and self._owners_running()
+
+        self._poll(ready, "serve every slot", timeout_s)
+
+    def wait_replicated(self, timeout_s: float = 30) -> None:
+        """Until every replica has received everything its primary wrote (replication is asynchronous)."""
+        def ready() -> bool:
+            for node in self.primaries():
+                info = dict(line.split(":", 1) for line in self._cli(node, "info", "replication").split() if ":" in line)
+                offset = info["master_repl_offset"]
+                replicas = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+                if any("state=online" not in r or f"offset={offset}," not in r for r in replicas):
+                    return False
+            return True
+
+        self._poll(ready, "replicate", timeout_s)
 
     def primaries(self) -> list[RedisProcess]:
         return [n for n in self.running() if "role:master" in self._cli(n, "info", "replication")]
