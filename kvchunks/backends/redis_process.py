@@ -122,7 +122,7 @@ class RedisClusterProcess:
     @staticmethod
     def _cli(node: RedisProcess, *command: str) -> str:
         return subprocess.run([_cli(), "-p", str(node.port), *command], capture_output=True, text=True,
-                              timeout=5).stdout
+                              timeout=5, check=False).stdout  # a node down answers nothing
 
     def _info(self, node: RedisProcess) -> dict[str, str]:
         out = self._cli(node, "cluster", "info")
@@ -136,9 +136,9 @@ class RedisClusterProcess:
         ports = {n.port for n in self.running()}
         for line in self._cli(self.running()[0], "cluster", "nodes").splitlines():
             fields = line.split()
-            if len(fields) > 8 and "master" in fields[2]:  # a primary with slot ranges
-                if "fail" in fields[2] or int(fields[1].split("@")[0].rsplit(":", 1)[1]) not in ports:
-                    return False
+            owner = len(fields) > 8 and "master" in fields[2]  # a primary with slot ranges
+            if owner and ("fail" in fields[2] or int(fields[1].split("@")[0].rsplit(":", 1)[1]) not in ports):
+                return False
         return True
 
     def _poll(self, ready, what: str, timeout_s: float) -> None:
