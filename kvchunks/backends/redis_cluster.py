@@ -8,7 +8,7 @@ records must commit together:
   FAISS ids; GLOBAL_DBS): a generation bump and the chunks it makes searchable are on one node, and a
   query keeps retrieving while any other node is down (its KV is recomputed);
 - every other database (chunk KV, session KV and records, LRU times, and any record family added later)
-  is spread over BUCKETS buckets, tag `{NNNN}`, by a CRC of the record's group: its key without a layer
+  is spread over BUCKETS buckets, tag `{NNNNN}`, by a CRC of the record's group: its key without a layer
   suffix, so the metadata and every layer of one chunk, or of one session turn, share a slot (one MGET
   fetches a chunk's layers). Each bucket keeps the sorted set of its keys per database, beside them; the
   global slot lists the buckets each database uses, so a scan merges only those.
@@ -33,9 +33,9 @@ from kvchunks.backends.redis_env import _APPLY, PREFIX, RedisEnv, _retry, write_
 SCHEME = "redis+cluster://"
 GLOBAL = b"global"
 GLOBAL_DBS = frozenset({b"meta", b"docs", b"chunks", b"emb", b"vids", b"nsvids"})
-# 4096 buckets: enough to spread over the ~1,400 primaries the 100M-chunk estimate needs
-# (docs/scale-out.md), few enough that a scan of a database in every bucket is one pipeline.
-BUCKETS = 4096
+# As many buckets as hash slots: a bucket is what moves when slots move, so the ~1,400 primaries of the
+# 100M-chunk estimate (docs/scale-out.md) still get ~12 each; a scan reads only the buckets in use.
+BUCKETS = 16384
 _LAYER_SUFFIX = re.compile(rb"/\d{4}$")  # kvchunks.kvstore's layer records: their span's key + "/LLLL"
 
 # KEYS: the write lock, the journal. ARGV: the lock's token, the journal's new text.
@@ -78,7 +78,7 @@ def cluster_nodes(url: str) -> list[tuple[str, int]]:
 
 def bucket_of(key: bytes) -> bytes:
     """The bucket tag of a record: its group's CRC, so a span's layers land with its metadata."""
-    return b"%04d" % (zlib.crc32(_LAYER_SUFFIX.sub(b"", key)) % BUCKETS)
+    return b"%05d" % (zlib.crc32(_LAYER_SUFFIX.sub(b"", key)) % BUCKETS)
 
 
 class RedisClusterEnv(RedisEnv):
