@@ -1,7 +1,8 @@
 """Specification of the Redis Cluster backend under node faults, with real `redis-server` nodes killed and
 restarted as in production: a query answers while a node dies (recomputing the KV it cannot load), a
-restarted node serves its records again, a primary's replica takes over with nothing lost, and a writer
-killed mid-commit leaves no half-applied transaction. Placement: a chunk's records share one slot."""
+restarted node serves its records again, the server answers 503 only while the global slot is down, a
+primary's replica takes over with nothing lost, and a writer killed mid-commit leaves no half-applied
+transaction. Placement: a chunk's records share one slot."""
 from __future__ import annotations
 
 import json
@@ -105,6 +106,32 @@ def test_a_query_answers_while_a_node_is_killed_and_hits_again_once_it_is_restar
         time.sleep(0.2)
     assert back.text == expected.text
     assert chunk_records(rb) == before and rb.store.check() == []  # appendonly: the node kept every record
+
+
+def test_the_server_answers_503_with_retry_after_only_while_the_global_slot_is_down(rb, cluster, model_dir, tmp_path):
+    """A node holding only KV costs recomputes, not errors; the global slot's node holds the corpus tables
+    retrieval reads, so while it is down `ragblend serve` says when to retry."""
+    from ragblend.serve.launch import ServerProcess
+
+    env = rb.store.env
+    global_node = node_of(rb, cluster, env.lock_key)
+    kv_node = next(n for n in cluster.nodes if n.port != global_node.port)
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
+    with ServerProcess(tmp_path / "serve", "--model", str(model_dir), "--kv-backend", cluster.url) as server, \
+            server.client() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        kv_node.kill()
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        kv_node.start()
+        global_node.kill()
+        down = http.post("/v1/chat/completions", json=body)
+        assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+        global_node.start()
+        cluster.wait_until_serving()
+        deadline = time.monotonic() + 30
+        while (back := http.post("/v1/chat/completions", json=body)).status_code != 200:
+            assert back.status_code == 503 and time.monotonic() < deadline
+            time.sleep(0.5)
 
 
 def test_a_killed_primary_fails_over_to_its_replica_with_every_record(model_dir, embedder, tmp_path):

@@ -12,6 +12,9 @@ as LMDB allows one per file), buffers its writes (its own reads see them), and c
 server-side script that applies all of them atomically, or none if the lock was lost meanwhile; then
 it announces the commit on a pub/sub channel. Reads see every commit whole, but a read transaction is
 not a snapshot: two of its reads may straddle another replica's commit.
+
+Where a key lives, how a scan merges indexes and how a commit is applied are RedisEnv methods, which
+the Redis Cluster engine (redis_cluster.py) overrides; transactions and cursors are shared.
 """
 from __future__ import annotations
 
