@@ -114,6 +114,7 @@ class RedisClusterProcess:
                             "--cluster-replicas", str(replicas), "--cluster-yes"],
                            check=True, capture_output=True, timeout=timeout_s)
             self.wait_until_serving(timeout_s)
+            self.wait_replicated(timeout_s)  # a replica that never synced refuses to take over
         except BaseException:
             self.stop()
             raise
