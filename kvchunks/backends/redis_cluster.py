@@ -36,9 +36,9 @@ from kvchunks.backends.redis_env import _APPLY, PREFIX, RedisEnv, _retry, write_
 SCHEME = "redis+cluster://"
 GLOBAL = b"global"
 GLOBAL_DBS = frozenset({b"meta", b"docs", b"chunks", b"emb", b"vids", b"nsvids"})
-# One bucket per hash slot, so a primary's share of the records is its share of the slots (random tags
-# would leave some slots two buckets and others none: +36% on the fullest of 256 primaries); a scan
-# reads only the buckets in use.
+# One bucket per hash slot, so a primary's share of the records is its share of the slots (tags hashing
+# to random slots leave some two buckets and others none: the fullest of 256 primaries would hold 1.35x
+# the mean, simulated); a scan reads only the buckets in use.
 SLOTS = 16384
 _LAYER_SUFFIX = re.compile(rb"/\d{4}$")  # kvchunks.kvstore's layer records: their span's key + "/LLLL"
 
