@@ -1,6 +1,6 @@
 """Scale-out measurements for docs/scale-out.md.
 
-    python benchmarks/scale_out.py [--sections ingest,backend] [--passages 30] [--workers 1,2,4]
+    python benchmarks/scale_out.py [--sections ingest,backend,cluster] [--passages 30] [--workers 1,2,4]
                                    [--questions 6] [--repeats 3] [--write-docs]
 
 ingest: chunk KV precompute throughput (tokens/s) of a local ingest against Ray ingest with 1, 2 and 4
@@ -9,6 +9,10 @@ ingest: chunk KV precompute throughput (tokens/s) of a local ingest against Ray 
 backend: the same chunks in LMDB and in a real redis-server on loopback (a RedisProcess started here):
          time to read one chunk's 30 layers, and blend TTFT over each question's 10 MuSiQue passages
          with either backend, alternated per repeat, medians (full prefill once per question, for scale).
+cluster: one redis-server against a 3-primary Redis Cluster (RedisClusterProcess), both on loopback, the same
+         questions' passages ingested into each: chunk read latency, the commit of one chunk's KV, and blend
+         TTFT, alternated per repeat, medians; then keys and bytes per primary of the cluster, and the global
+         slot's bytes per chunk (for the 100M-chunk estimate).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docsection import musique_records, report  # noqa: E402
 
 from index.embedder import Embedder  # noqa: E402
-from kvchunks.backends.redis_process import RedisProcess  # noqa: E402
+from kvchunks.backends.redis_cluster import GLOBAL  # noqa: E402
+from kvchunks.backends.redis_process import RedisClusterProcess, RedisProcess  # noqa: E402
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.engine.model import load_model  # noqa: E402
 from ragblend.storage.documents import coerce_document  # noqa: E402
@@ -114,6 +119,85 @@ def section_backend(records: list[dict], questions: int, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def chunk_commit_ms(rb: RagBlend, chunk_ids: list[str]) -> float:
+    """Median time to commit one chunk's KV records again (lock, write, announce) in a transaction of its own."""
+    kv, times = rb.store.kv, []
+    for chunk_id in chunk_ids:
+        stored = kv.load(chunk_id)
+        began = time.perf_counter()
+        with rb.store.env.begin(write=True) as txn:
+            kv.put(txn, chunk_id, stored)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e3
+
+
+def _per_node(rb: RagBlend) -> tuple[list[tuple[str, int, int]], int]:
+    """(node, keys, dataset bytes) per primary, and the bytes of the global slot's keys."""
+    env, tag = rb.store.env, b"{" + GLOBAL + b"}"
+    keyspace, memory = env.node_info("keyspace"), env.node_info("memory")
+    nodes = [(name, int(keyspace[name].get("db0", {}).get("keys", 0)), int(memory[name]["used_memory_dataset"]))
+             for name in sorted(memory)]
+    keys = env.client.execute_command("CLUSTER GETKEYSINSLOT", env.client.keyslot(tag), 1_000_000,
+                                      target_nodes=env.client.get_node_from_key(tag))
+    global_bytes = sum(int(env.client.memory_usage(key) or 0) for key in keys)
+    return nodes, global_bytes
+
+
+def section_cluster(records: list[dict], questions: int, repeats: int) -> str:
+    model, embedder = load_model(None), Embedder()
+    asked = [(r["question"], [f"{c['title']}\n{c['text']}" for c in r["ctxs"][:10]]) for r in records[:questions]]
+    passages = [{"id": f"q{i}-p{j}", "text": text} for i, (_, texts) in enumerate(asked) for j, text in enumerate(texts)]
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp) / "redis") as server, \
+            RedisClusterProcess(Path(tmp) / "cluster", masters=3) as cluster:
+        stores = {name: RagBlend(Path(tmp) / name, model=model, embedder=embedder, kv_backend=url)
+                  for name, url in (("1 server", server.url), ("cluster, 3 primaries", cluster.url))}
+        for rb in stores.values():
+            rb.add_documents(passages)
+        chunk_ids = [c.chunk_id for c in stores["1 server"].query(asked[0][0], contexts=asked[0][1],
+                                                                   max_new_tokens=1).chunks]
+        ttft = {name: [] for name in stores}
+        exposed = {name: [] for name in stores}
+        read = {name: [] for name in stores}
+        commit = {name: [] for name in stores}
+        for _ in range(repeats):
+            for question, texts in asked:
+                for name, rb in stores.items():
+                    answer = rb.query(question, contexts=texts, max_new_tokens=1)
+                    assert answer.timings["kv_misses"] == 0, "the passages' KV should all be stored"
+                    ttft[name].append(answer.ttft_s)
+                    exposed[name].append(answer.timings["load_exposed_s"])
+            for name, rb in stores.items():
+                read[name].append(chunk_read_ms(rb, chunk_ids))
+                commit[name].append(chunk_commit_ms(rb, chunk_ids[:5]))
+        cluster_rb = stores["cluster, 3 primaries"]
+        stats = cluster_rb.stats()
+        nodes, global_bytes = _per_node(cluster_rb)
+        for rb in stores.values():
+            rb.close()
+    med = {name: {k: statistics.median(v[name]) for k, v in
+                  (("ttft", ttft), ("exposed", exposed), ("read", read), ("commit", commit))} for name in stores}
+    lines = [f"{questions} MuSiQue questions x 10 passages ingested into each backend ({stats.chunks} chunks, "
+             f"{stats.kv_bytes / 1e6:,.1f} MB of fp16 KV), then asked with those passages as contexts (all KV "
+             f"loaded, blend at its default ratio), {repeats} rounds alternating backends, medians; SmolLM2-135M "
+             "fp32; every node on loopback (appendonly, fsync always).", "",
+             "| backend | read one chunk (30 layers) | commit one chunk's KV | blend TTFT | KV load exposed in blend |",
+             "|---|---|---|---|---|"]
+    for name in stores:
+        m = med[name]
+        lines.append(f"| Redis, {name} | {m['read']:.2f} ms | {m['commit']:.1f} ms | {m['ttft']:.3f} s | "
+                     f"{m['exposed'] * 1e3:.1f} ms |")
+    ratio = med["cluster, 3 primaries"]["ttft"] / med["1 server"]["ttft"]
+    lines += ["", f"Blend TTFT on the cluster / on one server: **{ratio:.2f}x**.", "",
+              "| primary | keys | data bytes | share of data |", "|---|---|---|---|"]
+    total = sum(b for _, _, b in nodes)
+    for name, keys, data in nodes:
+        lines.append(f"| {name} | {keys:,} | {data / 1e6:,.1f} MB | {data / total:.0%} |")
+    lines += ["", f"Global slot (write lock, meta, documents, chunks, embeddings, FAISS ids): "
+              f"{global_bytes / 1e6:,.2f} MB, {global_bytes / stats.chunks:,.0f} B per chunk; "
+              f"everything else: {(total - global_bytes) / stats.kv_bytes:.3f} bytes per byte of KV payload."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="ingest,backend")
@@ -137,6 +221,10 @@ def main() -> None:
         body = section_backend(records, args.questions, args.repeats)
         command = f"python benchmarks/scale_out.py --sections backend --questions {args.questions} --repeats {args.repeats}"
         report("scale-out-backend", body, command, args.write_docs, DOC)
+    if "cluster" in sections:
+        body = section_cluster(records, args.questions, args.repeats)
+        command = f"python benchmarks/scale_out.py --sections cluster --questions {args.questions} --repeats {args.repeats}"
+        report("scale-out-cluster", body, command, args.write_docs, DOC)
 
 
 if __name__ == "__main__":

@@ -204,8 +204,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _store_option(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
     parser.add_argument("--store", required=required, help=help or "store folder")
     parser.add_argument("--kv-backend", metavar="URL", default=os.environ.get("RAGBLEND_KV_BACKEND"),
-                        help="keep the store's records in this Redis/Valkey server (redis://host:6379/0), shared "
-                             "by every replica pointed at it, instead of LMDB in --store (default: env "
+                        help="keep the store's records in this Redis/Valkey server (redis://host:6379/0) or cluster "
+                             "(redis+cluster://host:7000,host:7001), shared by every replica pointed at it, instead "
+                             "of LMDB in --store (default: env "
                              "RAGBLEND_KV_BACKEND, else LMDB)")
 
 

@@ -53,14 +53,16 @@ def test_workers_with_another_model_are_refused(model_dir, smollm_dir, embedder,
             rb.ray_kv_compute(other, workers=1)
 
 
-def test_ray_actors_write_kv_straight_into_a_shared_backend_the_same_bytes(model_dir, embedder, tmp_path):
+@pytest.mark.parametrize("kind", ["server", "cluster"])
+def test_ray_actors_write_kv_straight_into_a_shared_backend_the_same_bytes(model_dir, embedder, tmp_path, kind):
     pytest.importorskip("redis", reason="the redis extra is not installed")
-    from kvchunks.backends.redis_process import RedisProcess, redis_server_binary
+    from kvchunks.backends.redis_process import RedisClusterProcess, RedisProcess, redis_server_binary
 
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)")
     (tmp_path / "docs.jsonl").write_text("".join(f'{{"id": "{d["id"]}", "text": "{d["text"]}"}}\n' for d in DOCS))
-    with RedisProcess(tmp_path / "redis") as server:
+    backend = RedisProcess(tmp_path / "redis") if kind == "server" else RedisClusterProcess(tmp_path / "cluster")
+    with backend as server:
         main(["ingest", str(tmp_path / "docs.jsonl"), "--store", str(tmp_path / "driver"), "--model", str(model_dir),
               "--chunk-tokens", "32", "--kv-backend", server.url, "--ray", "--ray-workers", "2"])
         with RagBlend(tmp_path / "local", model=model_dir, embedder=embedder, chunk_tokens=32) as local, \

@@ -1,4 +1,5 @@
-"""Where a store's records live: an LMDB folder (the embedded default) or a shared Redis/Valkey server.
+"""Where a store's records live: an LMDB folder (the embedded default), a shared Redis/Valkey server, or
+a Redis/Valkey Cluster sharding them over its nodes.
 
 Both engines expose the subset of LMDB's API the store is written against (named databases, get / put /
 delete, ordered cursors, one writer at a time), so documents, chunks, KV, sessions and their metadata
@@ -23,7 +24,7 @@ def _location(path: Path, backend: str | None) -> str:
 
 
 def open_env(path: Path, readonly: bool, backend: str | None = None):
-    """The engine for a store folder (`backend` None) or a `redis://` URL."""
+    """The engine for a store folder (`backend` None), a `redis://` URL or a `redis+cluster://` node list."""
     key = _location(path, backend)
     cached = _OPEN.get(key)
     if backend is None:
@@ -32,11 +33,17 @@ def open_env(path: Path, readonly: bool, backend: str | None = None):
                 cached.close()  # a read-only handle is upgraded to a writable one
             cached = LmdbEnv(path, readonly)
     elif cached is None:
-        if not backend.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"kv_backend must be a redis:// (or rediss://, unix://) URL, got {backend!r}")
-        from kvchunks.backends.redis_env import RedisEnv
+        if backend.startswith("redis+cluster://"):
+            from kvchunks.backends.redis_cluster import RedisClusterEnv
 
-        cached = RedisEnv(backend)
+            cached = RedisClusterEnv(backend)
+        elif backend.startswith(("redis://", "rediss://", "unix://")):
+            from kvchunks.backends.redis_env import RedisEnv
+
+            cached = RedisEnv(backend)
+        else:
+            raise ValueError("kv_backend must be a redis:// (or rediss://, unix://) URL or "
+                             f"redis+cluster://HOST:PORT[,HOST:PORT...], got {backend!r}")
     _OPEN[key] = cached
     _USERS[key] = _USERS.get(key, 0) + 1
     return cached

@@ -3,7 +3,7 @@
 Chunking, embedding and document commits stay on the driver; each actor loads the model once and
 computes the KV of whole length-groups of chunks, the same groups a local ingest computes, so the stored
 records are the same bytes. With LMDB the actors send KV back and the driver writes it; with a shared
-backend (redis://) each actor commits its groups' KV records there itself, and only chunk ids travel.
+backend (redis:// or redis+cluster://) each actor commits its groups' KV records there itself, and only chunk ids travel.
 An actor that dies is restarted by Ray and its group is computed again (Ray retries the call), so a
 failed worker loses no chunk. `address=None` starts a local Ray cluster.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvchunks.backends import open_env
 from kvchunks.kvstore import KVStore
 from kvchunks.precompute import ChunkKV, SpanComputer, batches_by_length
 from ragblend.engine.model import load_model
@@ -39,10 +40,8 @@ class KVWorker:
         self.fingerprint = loaded.fingerprint
         self.spans = SpanComputer(loaded.decoder, loaded.head_dim, prefix_ids)
         self.kv = None
-        if backend is not None:
-            from kvchunks.backends.redis_env import RedisEnv
-
-            self.kv = KVStore(RedisEnv(backend), kv_fingerprint, dtype=kv_dtype)
+        if backend is not None:  # a shared backend: no folder
+            self.kv = KVStore(open_env(Path(), False, backend), kv_fingerprint, dtype=kv_dtype)
 
     def model_fingerprint(self) -> str:
         return self.fingerprint
