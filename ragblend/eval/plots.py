@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ragblend.eval.calibrate import CalibrationReport  # noqa: E402
 from ragblend.eval.evaluate import ModeSummary  # noqa: E402
 from ragblend.eval.speed import SpeedRow  # noqa: E402
 
@@ -85,4 +86,25 @@ def variant_curves(summaries: list[ModeSummary], path: Path) -> None:
     kl.set(xlabel="recompute ratio", ylabel="first-token KL to full", title="Distance to full prefill")
     speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
     kept.legend(fontsize=7)
+    _save(fig, path)
+
+
+def calibration_curve(report: CalibrationReport, path: Path) -> None:
+    """Agreement with full prefill and TTFT / full against the ratio, per selection, with the target;
+    a hollow marker is a ratio rejected early (its agreement over the questions it answered)."""
+    c = report.calibration
+    fig, (agree, speed) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for selection in dict.fromkeys(r.selection for r in report.runs):
+        runs = [r for r in report.runs if r.selection == selection and r.agreement is not None]
+        line, = agree.plot([r.ratio for r in runs], [r.agreement for r in runs], "-", label=selection)
+        for r in runs:
+            agree.plot(r.ratio, r.agreement, "o", color=line.get_color(),
+                       fillstyle="full" if r.status == "met" else "none")
+        speed.plot([r.ratio for r in runs], [r.ttft_vs_full for r in runs], "o-", label=selection)
+    agree.axhline(c.target, linestyle="--", color="gray", label=f"target {c.target:.0%}")
+    agree.set(xlabel="recompute ratio", ylabel=f"agreement with full ({c.metric})", ylim=(-0.02, 1.02),
+              title=f"chosen: {c.ratio:g}" + ("" if c.met else " (none below 1 met the target)"))
+    speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
+    agree.legend(fontsize=7)
+    speed.legend(fontsize=7)
     _save(fig, path)

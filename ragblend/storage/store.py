@@ -20,6 +20,7 @@ from index.vector_index import IdFilter, VectorIndex
 from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
+from ragblend.storage.calibration import Calibration, read_calibration
 
 FORMAT_VERSION = 1
 
@@ -62,6 +63,7 @@ class StoreStats:
     session_bytes: int = 0  # conversation KV on disk (each process's RAM tier holds a bounded copy)
     evictable_bytes: int = 0  # chunk KV that is not pinned
     medium: str = "on disk"  # where disk_bytes and session KV live: the LMDB files, or a Redis server's memory
+    calibration: dict | None = None  # this model's calibrated blend setting (ragblend.storage.calibration)
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -81,6 +83,8 @@ class StoreStats:
         if m:
             rows += [("model", f"{m.model} ({m.kv_fingerprint[:12]})"), ("embedder", m.embedder),
                      ("chunk tokens", str(m.chunk_tokens)), ("index", m.index_kind)]
+        if self.calibration:
+            rows.append(("calibration", Calibration(**self.calibration).summary()))
         return [f"{k:>13}: {v}" for k, v in rows]
 
 
@@ -287,7 +291,12 @@ class Store:
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
                           pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
-                          sessions=sessions, session_bytes=session_bytes, medium=self.env.medium, **budget)
+                          sessions=sessions, session_bytes=session_bytes, medium=self.env.medium, **budget,
+                          calibration=self._calibration())
+
+    def _calibration(self) -> dict | None:
+        found = read_calibration(self, self.manifest.kv_fingerprint) if self.manifest else None
+        return asdict(found) if found else None
 
     def _session_bytes(self, txn: lmdb.Transaction) -> int:
         """KV bytes of every conversation turn on disk (the session records' metadata)."""
