@@ -138,7 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
           keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, max_batch=args.max_batch,
           threads=args.worker_threads, prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes,
-          decode_weights=args.decode_weights, kv_backend=args.kv_backend)
+          decode_weights=args.decode_weights, kv_backend=args.kv_backend, audit_rate=args.audit_rate)
 
 
 def _ratio(text: str) -> float | str:
@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM tier for conversation KV (default 512 MiB; the disk tier holds all of it)")
     serve.add_argument("--decode-weights", choices=["float32", "int8"], default="float32",
                        help="int8: decode ~1.6x faster per token, not always the same text")
+    serve.add_argument("--audit-rate", type=float, default=0.0, metavar="P",
+                       help="re-answer this share of greedy one-shot blend requests with full prefill when the server "
+                            "is idle, and report agreement in /metrics and GET /v1/audit (default 0: off)")
     serve.set_defaults(run=_serve)
     return parser
 
