@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server over a store",
                                 description="Load the model, embedder and index once and answer /v1/chat/completions, "
-                                            "/v1/completions, /v1/search, /v1/documents, /healthz, /readyz and /metrics "
+                                            "/v1/completions, /v1/search, /v1/documents, /v1/audit, /healthz, /readyz and /metrics "
                                             "until SIGTERM or SIGINT (running requests and session saves finish first).")
     _store_option(serve)
     serve.add_argument("--model", help="must be the store's model (default: bundled SmolLM2)")

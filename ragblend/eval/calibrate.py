@@ -162,8 +162,9 @@ class _Calibrator:
             return answer.token_ids[:1] == full["first_token"]
         return contains_answer(answer.text, q.answers) if full["correct"] else None
 
-    def run(self, label: str, selection: str, ratio: float) -> RunResult:
-        """Blend at `ratio` over the questions until the target is met or can no longer be."""
+    def run(self, label: str, selection: str, ratio: float, stop_early: bool = True) -> RunResult:
+        """Blend at `ratio` over the questions until the target is met or can no longer be (or over all
+        of them: `stop_early` False, to measure a ratio on held-out questions)."""
         config = self.config
         full_rows = self.rows["full"]
         counted = [str(i) for i in range(len(self.questions))
@@ -172,7 +173,7 @@ class _Calibrator:
         done = self.rows.setdefault(label, {})
         blend = replace(SELECTIONS[selection], recompute_ratio=ratio)
         for i, q in enumerate(self.questions):
-            if sum(1 for row in done.values() if row["agrees"] is False) > allowed:
+            if stop_early and sum(1 for row in done.values() if row["agrees"] is False) > allowed:
                 break
             if str(i) not in done:
                 full_ttft = self.rb.prefill(q.question, contexts=q.contexts, top_k=config.top_k,
@@ -230,3 +231,13 @@ def calibrate(rb, questions: str | Path | list[CalibrationQuestion] | None = Non
     if save:
         write_calibration(rb.store, fingerprint, calibration)
     return CalibrationReport(calibration, results, source)
+
+
+def measure(rb, questions: list[CalibrationQuestion], config: CalibrationConfig, selection: str, ratio: float,
+            progress: bool = True) -> RunResult:
+    """Agreement of blend at `ratio` with full prefill over every question, nothing stored: how a
+    calibrated ratio holds on questions it was not chosen on."""
+    with tqdm(total=2 * len(questions), desc=f"measure {selection}@{ratio:g}", disable=not progress) as bar:
+        calibrator = _Calibrator(rb, questions, config, {}, lambda rows: None, bar)
+        calibrator.reference()
+        return calibrator.run(f"{selection}@{ratio:g}", selection, ratio, stop_early=False)
