@@ -140,3 +140,22 @@ def test_stats_show_the_calibration(rb, capsys):
 def test_a_calibrated_selection_is_used_too(rb):
     write_calibration(rb.store, rb.store.manifest.kv_fingerprint, calibration(0.4, "query"))
     assert rb.calibrated_blend() == replace(BlendConfig(query_chunks=1.0), recompute_ratio=0.4)
+
+
+def test_an_interrupted_calibration_resumes_from_what_it_stored(tiny_model, embedder, tmp_path):
+    from ragblend.eval.calibrate import _run_key
+    from ragblend.storage.calibration import write_partial
+
+    rb = RagBlend(tmp_path / "store", model=tiny_model, embedder=embedder)
+    config = CalibrationConfig(target=0.5, metric="identical", ratios=(0.3,))
+    with pytest.raises(ValueError, match="no documents"):  # the second question retrieves from an empty store
+        rb.calibrate(QUESTIONS[:2], config, progress=False)
+    key = _run_key(rb.store.manifest.kv_fingerprint, QUESTIONS[:2], config)
+    partial = read_partial(rb.store, key)
+    assert list(partial["full"]) == ["0"]  # the first question's reference answer was stored
+    partial["full"]["0"]["text"] = "a reference answer only the stored record has"
+    write_partial(rb.store, key, partial)
+    rb.add_documents(DOCS)
+    report = rb.calibrate(QUESTIONS[:2], config, progress=False)
+    assert (report.runs[0].answered, report.runs[0].agreement) == (2, 0.5)  # the stored reference was used
+    rb.close()
