@@ -45,6 +45,7 @@ VARIANTS = {
     "gradual2": replace(BASE, gradual=2.0),
     "per_chunk": replace(BASE, budget="per_chunk"),
     "starts4": replace(BASE, chunk_start_tokens=4),
+    "query": replace(BASE, query_chunks=1.0),  # whole chunks the question attends to, HKVD for the rest
 }
 
 

@@ -22,6 +22,7 @@ from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet_loading, with_int8_decode
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
+from ragblend.storage.calibration import read_calibration
 from ragblend.storage.ingest import Ingestor, IngestReport
 from ragblend.request import MODES, ORDERS, History, PreparedPrompt, RequestPath
 from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
@@ -51,8 +52,9 @@ class RagBlend:
                  session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
                  kv_dtype: str | None = None, decode_weights: str = "float32", kv_backend: str | None = None,
                  kv_policy: str = "pgdsf", exact_paths: bool = True):
-        """`blend`: how blend mode selects tokens (default BlendConfig(): the measured best); per query,
-        `recompute_ratio` and `check_layer` override it, and `query(blend=...)` replaces it.
+        """`blend`: how blend mode selects tokens (default: the store's calibration for this model, see
+        `calibrate`, else BlendConfig()); per query, `recompute_ratio` and `check_layer` override it, and
+        `query(blend=...)` replaces it.
         `session_ram_bytes`: the RAM tier's budget for conversation KV (the disk tier holds all of it).
         `kv_max_bytes`: a budget for chunk KV, kept in the store (least recently used KV is evicted and
         recomputed when next retrieved); None keeps the store's setting (unbounded unless set).
@@ -66,7 +68,7 @@ class RagBlend:
         exactly by `prefix` and `blend`); False answers from single-chunk KV alone, as before the tree.
         `kv_backend`: None keeps every record in LMDB in `store_dir`; a redis:// URL keeps documents, chunks,
         KV and sessions in that Redis/Valkey server, shared by every replica pointed at it (docs/scale-out.md)."""
-        self.blend = blend or BlendConfig()
+        self.blend = blend
         # Everything that can fail is checked before the store folder is created.
         if decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
@@ -162,6 +164,17 @@ class RagBlend:
 
     def stats(self):
         return self.store.stats()
+
+    def calibrate(self, questions=None, config=None, **options):
+        """Find and store the smallest recompute ratio meeting a quality target (ragblend.eval.calibrate)."""
+        from ragblend.eval.calibrate import CalibrationConfig, calibrate
+
+        return calibrate(self, questions, config or CalibrationConfig(), **options)
+
+    def calibrated_blend(self) -> BlendConfig | None:
+        """The store's calibrated blend setting for this model, if it has one (read per query)."""
+        found = read_calibration(self.store, self.store.manifest.kv_fingerprint)
+        return found.blend() if found else None
 
     # ---- conversations ------------------------------------------------------------------------
 
@@ -268,7 +281,7 @@ class RagBlend:
 
     def _blend_config(self, blend: BlendConfig | None, ratio: float | str | None, check_layer: int | None) -> BlendConfig:
         """The query's blend settings (validated by BlendConfig); the check layer is at most the last layer."""
-        config = blend or self.blend
+        config = blend or self.blend or self.calibrated_blend() or BlendConfig()
         if ratio is not None:
             config = replace(config, recompute_ratio=ratio)
         if check_layer is not None:

@@ -1,4 +1,4 @@
-"""`ragblend` command line: ingest, stats, query, eval, sessions, gc, reindex-kv, serve."""
+"""`ragblend` command line: ingest, stats, query, eval, calibrate, sessions, gc, reindex-kv, serve."""
 from __future__ import annotations
 
 import argparse
@@ -138,7 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
           keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, max_batch=args.max_batch,
           threads=args.worker_threads, prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes,
-          decode_weights=args.decode_weights, kv_backend=args.kv_backend)
+          decode_weights=args.decode_weights, kv_backend=args.kv_backend, audit_rate=args.audit_rate)
 
 
 def _ratio(text: str) -> float | str:
@@ -201,6 +201,34 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"results in {out}/")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ragblend.api import RagBlend
+    from ragblend.eval.calibrate import LADDER, CalibrationConfig, load_questions
+    from ragblend.eval.plots import calibration_curve
+
+    # Everything the user gave is checked before the store is opened: a bad file writes nothing.
+    config = CalibrationConfig(target=args.target, metric=args.metric, ratios=_ratios(args.ratios) if args.ratios else LADDER,
+                               selections=tuple(args.selections.split(",")), limit=args.limit, top_k=args.top_k,
+                               max_new_tokens=args.max_new_tokens)
+    questions = load_questions(args.questions, config.metric) if args.questions else None
+    _existing_store(args).close()
+    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
+    report = rb.calibrate(questions, config, seed=args.seed)
+    rb.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.md").write_text(report.table() + "\n")
+    calibration_curve(report, out / "calibration.png")
+    print(f"questions: {report.source}, {report.calibration.questions}")
+    print(report.table())
+    if not report.calibration.met:
+        print(f"\nNo ratio below 1 met {config.metric} >= {config.target:.0%}: this model cannot fuse at that quality "
+              "on these questions. Stored ratio 1.0 (blend answers as full prefill); lower the target to trade.")
+    print(f"\nstored: {report.calibration.summary()}\nplot: {out / 'calibration.png'}")
+
+
 def _store_option(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
     parser.add_argument("--store", required=required, help=help or "store folder")
     parser.add_argument("--kv-backend", metavar="URL", default=os.environ.get("RAGBLEND_KV_BACKEND"),
@@ -252,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chunk order: as retrieved, or the longest stored exact path first")
     query.add_argument("--top-k", type=int, default=4)
     query.add_argument("--ratio", type=_ratio, default=None,
-                       help="blend: share of chunk tokens to recompute, or auto (default 0.15)")
+                       help="blend: share of chunk tokens to recompute, or auto (default: the store's calibrated "
+                            "ratio, else 0.15)")
     query.add_argument("--max-new-tokens", type=int, default=64)
     query.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     _namespace_option(query)
@@ -275,6 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     _store_option(evaluate, required=False, help="KV store for the passages (default: OUT/store)")
     evaluate.add_argument("--model", help="local HF causal-LM folder (default: bundled SmolLM2)")
     evaluate.set_defaults(run=_eval)
+
+    calib = commands.add_parser("calibrate", help="find the smallest recompute ratio that meets a quality target",
+                                description="Answer sample questions with full prefill and with blend over a ladder "
+                                            "of ratios; store the smallest ratio whose agreement with full meets the "
+                                            "target as this store's default for the model. Resumable: rerun the same "
+                                            "command after an interruption.")
+    _store_option(calib)
+    calib.add_argument("--model", help="must be the store's model (default: bundled SmolLM2)")
+    calib.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
+    calib.add_argument("--questions", metavar="FILE", help="JSONL of {question, contexts?, answers?} (default: "
+                                                           "fill-in-the-blank questions from the store's chunks)")
+    calib.add_argument("--target", type=float, default=0.95, help="agreement with full prefill to meet (default 0.95)")
+    calib.add_argument("--metric", choices=["identical", "kept", "first_token"], default="identical",
+                       help="identical: same answer; kept: full's right answers stay right (needs answers); "
+                            "first_token: same first token")
+    calib.add_argument("--ratios", help="comma list in (0, 1) (default 0.05,0.1,0.15,0.2,0.3,0.5,0.7,0.9)")
+    calib.add_argument("--selections", default="hkvd", help="comma list of hkvd, query (query-aware chunks)")
+    calib.add_argument("--limit", type=int, default=50, help="questions (default 50)")
+    calib.add_argument("--top-k", type=int, default=4, help="chunks retrieved for questions without contexts")
+    calib.add_argument("--max-new-tokens", type=int, default=32)
+    calib.add_argument("--seed", type=int, default=0, help="which chunks the store's own questions come from")
+    calib.add_argument("--out", default="calibrate-out", help="folder for the table and the plot")
+    calib.set_defaults(run=_calibrate)
 
     stats = commands.add_parser("stats", help="what a store holds", description="Print what a store holds.")
     _store_option(stats)
@@ -309,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server over a store",
                                 description="Load the model, embedder and index once and answer /v1/chat/completions, "
-                                            "/v1/completions, /v1/search, /v1/documents, /healthz, /readyz and /metrics "
+                                            "/v1/completions, /v1/search, /v1/documents, /v1/audit, /healthz, /readyz and /metrics "
                                             "until SIGTERM or SIGINT (running requests and session saves finish first).")
     _store_option(serve)
     serve.add_argument("--model", help="must be the store's model (default: bundled SmolLM2)")
@@ -328,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM tier for conversation KV (default 512 MiB; the disk tier holds all of it)")
     serve.add_argument("--decode-weights", choices=["float32", "int8"], default="float32",
                        help="int8: decode ~1.6x faster per token, not always the same text")
+    serve.add_argument("--audit-rate", type=float, default=0.0, metavar="P",
+                       help="re-answer this share of greedy one-shot blend requests with full prefill when the server "
+                            "is idle, and report agreement in /metrics and GET /v1/audit (default 0: off)")
     serve.set_defaults(run=_serve)
     return parser
 

@@ -243,6 +243,7 @@ SELECTION_VARIANTS = {
     "chunk_starts": BlendConfig(chunk_start_tokens=4),
     "gradual": BlendConfig(gradual=2.0),
     "check_layer_2": BlendConfig(check_layer=2),
+    "query_chunks": BlendConfig(query_chunks=1.0),
 }
 
 
@@ -292,6 +293,13 @@ def test_per_chunk_budget_gives_every_chunk_its_share(rb):
         assert len(inside) == math.ceil(0.3 * span.length - 1e-9)
 
 
+def test_query_chunks_recompute_whole_chunks_within_the_budget(rb):
+    chosen, layout = recomputed_positions(rb, BlendConfig(recompute_ratio=0.6, query_chunks=1.0))
+    whole = [s for s in layout.chunk_spans if set(range(s.start, s.end)) <= chosen]
+    assert whole, "at least one chunk fits in 60% of the chunk tokens and is recomputed whole"
+    assert len(chosen) == math.ceil(0.6 * (layout.suffix_start - layout.prefix_len) - 1e-9)
+
+
 def test_random_control_picks_other_tokens_than_the_deviation_signal(rb):
     by_value, _ = recomputed_positions(rb, BlendConfig(recompute_ratio=0.2))
     by_chance, _ = recomputed_positions(rb, BlendConfig(recompute_ratio=0.2, signal="random"))
@@ -322,6 +330,8 @@ def test_auto_share_covers_the_target_share_of_the_scores():
     (dict(gradual=0.5), "gradual"),
     (dict(recompute_ratio="auto", signal="random"), "auto"),
     (dict(check_layer=-1), "check_layer"),
+    (dict(query_chunks=1.5), "query_chunks"),
+    (dict(query_chunks=0.5, budget="per_chunk"), "query_chunks"),
 ])
 def test_bad_blend_settings_get_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -20,8 +20,8 @@ from ragblend.engine.layout import PromptLayout
 from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.loader import LayerLoader
 from ragblend.engine.model import LoadedModel
-from ragblend.engine.selection import (AUTO, BlendConfig, auto_share, budget_groups, chunk_starts, deviation,
-                                question_attention, select_top)
+from ragblend.engine.selection import (AUTO, BlendConfig, attended_chunks, auto_share, budget_groups, chunk_starts,
+                                deviation, keep_count, question_attention, select_top)
 
 @dataclass
 class Prefill:
@@ -114,11 +114,17 @@ class FusionEngine:
         candidates = (rows >= layout.prefix_len) & (rows < layout.suffix_start)
         positions = rows[candidates]
         scores = scores[candidates]
-        keep = share
-        if share is None:
+        keep, checking = share, share is None
+        if checking:
             share = auto_share(scores, blend) if blend.recompute_ratio == AUTO else float(blend.recompute_ratio)
             keep = min(1.0, share * blend.gradual)
-        scores = scores.masked_fill(chunk_starts(positions, layout, blend.chunk_start_tokens), float("inf"))
+        forced = chunk_starts(positions, layout, blend.chunk_start_tokens)
+        if blend.query_chunks and checking:  # on the check layer: whole chunks the question reads
+            paid = self._question_attention(layer.self_attn, normed, keys, rows, cache.layers[index][0], layout,
+                                            cos, sin)[candidates]
+            budget = int(blend.query_chunks * keep_count(layout.suffix_start - layout.prefix_len, keep))
+            forced |= attended_chunks(paid, positions, layout, budget)
+        scores = scores.masked_fill(forced, float("inf"))
         chosen = select_top(scores, positions, *budget_groups(positions, layout, blend.budget), keep)
         kept = torch.cat([chosen, rows[rows >= layout.suffix_start]])
         return kept, hidden[:, torch.searchsorted(rows, kept)], share
@@ -143,13 +149,19 @@ class FusionEngine:
             if blend.signal == "key":
                 return key_dev
             return key_dev / key_dev.mean().clamp_min(1e-12) + value_dev / value_dev.mean().clamp_min(1e-12)
+        paid = self._question_attention(attention, normed, keys, rows, stored[0], layout, cos, sin)
+        return paid if blend.signal == "attention" else paid * value_dev
+
+    def _question_attention(self, attention: torch.nn.Module, normed: torch.Tensor, keys: torch.Tensor,
+                            rows: torch.Tensor, stored_keys: torch.Tensor, layout: PromptLayout, cos: torch.Tensor,
+                            sin: torch.Tensor) -> torch.Tensor:
+        """Attention the question's rows pay to each row in `rows` on this layer (fresh keys for `rows`)."""
         question = rows >= layout.suffix_start
         queries = apply_rope(self._heads(attention.q_proj(normed[:, question]), getattr(attention, "q_norm", None)),
                              cos[:, rows[question]], sin[:, rows[question]])
-        all_keys = stored[0].clone()
+        all_keys = stored_keys.clone()
         all_keys[:, :, rows] = keys
-        paid = question_attention(queries, all_keys, rows[question])[rows]
-        return paid if blend.signal == "attention" else paid * value_dev
+        return question_attention(queries, all_keys, rows[question])[rows]
 
     def _heads(self, projected: torch.Tensor, norm: torch.nn.Module | None = None) -> torch.Tensor:
         """[1, n, heads*head_dim] -> [1, heads, n, head_dim], with the per-head norm some families apply."""

@@ -8,6 +8,10 @@ from the layer's input for the rows being computed:
   attention        attention the question's tokens pay to the token (the question is recomputed anyway)
   value_attention  attention x value deviation: the error in what the question reads from the token
   random           a control: a selection that does not beat it is not a selection
+
+Query-aware chunks (`query_chunks`): before the signal picks tokens, part of the budget goes to whole
+chunks, the ones the question's tokens pay the most attention on the check layer (a chunk the
+question reads is recomputed entirely, so its tokens also see each other fresh).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class BlendConfig:
     budget: str = "global"  # one top-k over all chunk tokens, or the same share within each chunk
     chunk_start_tokens: int = 0  # always recompute the first N tokens of every chunk after the first
     gradual: float = 1.0  # keep gradual x ratio on the check layer, narrowed to the ratio on the next
+    query_chunks: float = 0.0  # share of the budget for whole chunks the question attends to most
     auto_target: float = 0.3  # "auto": smallest ratio whose tokens hold this share of the total score
     auto_min: float = 0.05
     auto_max: float = 0.5
@@ -50,6 +55,10 @@ class BlendConfig:
             raise ValueError(f"unknown blend budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if self.check_layer < 0 or self.chunk_start_tokens < 0:
             raise ValueError("check_layer and chunk_start_tokens must be >= 0")
+        if not 0.0 <= self.query_chunks <= 1.0:
+            raise ValueError(f"query_chunks must be in [0, 1] (a share of the budget), got {self.query_chunks}")
+        if self.query_chunks and self.budget != "global":
+            raise ValueError("query_chunks recomputes whole chunks from one budget: it needs budget='global'")
         if self.gradual < 1.0:
             raise ValueError(f"gradual must be >= 1 (a multiple of the ratio), got {self.gradual}")
         if not 0.0 <= self.auto_min <= self.auto_max <= 1.0 or not 0.0 < self.auto_target <= 1.0:
@@ -110,6 +119,20 @@ def chunk_starts(positions: torch.Tensor, layout: PromptLayout, count: int) -> t
     for span in layout.chunk_spans[1:]:
         forced |= (positions >= span.start) & (positions < span.start + count)
     return forced
+
+
+def attended_chunks(paid: torch.Tensor, positions: torch.Tensor, layout: PromptLayout, tokens: int) -> torch.Tensor:
+    """Mask over `positions`: whole chunks, the most attended first (`paid`: attention per position),
+    each taken if it still fits in `tokens`."""
+    chosen = torch.zeros_like(positions, dtype=torch.bool)
+    spans = layout.chunk_spans
+    members = [(positions >= s.start) & (positions < s.end) for s in spans]
+    mass = torch.stack([paid[m].sum() for m in members])
+    for index in mass.argsort(descending=True).tolist():
+        if spans[index].length <= tokens:
+            chosen |= members[index]
+            tokens -= spans[index].length
+    return chosen
 
 
 def budget_groups(positions: torch.Tensor, layout: PromptLayout, budget: str) -> tuple[torch.Tensor, dict[int, int]]:

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ragblend.eval.calibrate import CalibrationReport  # noqa: E402
 from ragblend.eval.evaluate import ModeSummary  # noqa: E402
 from ragblend.eval.speed import SpeedRow  # noqa: E402
 
@@ -100,4 +101,25 @@ def ttft_vs_hit_share(runs: dict[str, tuple[list[float], list[float]]], path: Pa
     ax.set(xlabel="share of chunk tokens loaded from the exact-path tree", ylabel="TTFT / full prefill's median",
            title="TTFT against exact-path hits, by mode and order")
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def calibration_curve(report: CalibrationReport, path: Path) -> None:
+    """Agreement with full prefill and TTFT / full against the ratio, per selection, with the target;
+    a hollow marker is a ratio rejected early (its agreement over the questions it answered)."""
+    c = report.calibration
+    fig, (agree, speed) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for selection in dict.fromkeys(r.selection for r in report.runs):
+        runs = [r for r in report.runs if r.selection == selection and r.agreement is not None]
+        line, = agree.plot([r.ratio for r in runs], [r.agreement for r in runs], "-", label=selection)
+        for r in runs:
+            agree.plot(r.ratio, r.agreement, "o", color=line.get_color(),
+                       fillstyle="full" if r.status == "met" else "none")
+        speed.plot([r.ratio for r in runs], [r.ttft_vs_full for r in runs], "o-", label=selection)
+    agree.axhline(c.target, linestyle="--", color="gray", label=f"target {c.target:.0%}")
+    agree.set(xlabel="recompute ratio", ylabel=f"agreement with full ({c.metric})", ylim=(-0.02, 1.02),
+              title=f"chosen: {c.ratio:g}" + ("" if c.met else " (none below 1 met the target)"))
+    speed.set(xlabel="recompute ratio", ylabel="TTFT / full", title="Speed")
+    agree.legend(fontsize=7)
+    speed.legend(fontsize=7)
     _save(fig, path)

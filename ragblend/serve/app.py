@@ -26,6 +26,7 @@ from kvchunks.backends import BackendUnavailableError
 from ragblend.answer import Answer
 from ragblend.api import RagBlend
 from ragblend.serve.answering import AnswerWork
+from ragblend.serve.audit import Audit
 from ragblend.serve.conversation import Conversation, HistoryConflict, parse
 from ragblend.serve.guard import Guard
 from ragblend.serve.ingest_jobs import IngestJobs
@@ -66,6 +67,7 @@ class ServeConfig:
     max_batch: int = 4
     prefetch: bool = True
     limits: Limits = LIMITS
+    audit_rate: float = 0.0  # share of blend requests re-answered with full prefill when idle (serve/audit.py)
 
 
 class ApiError(Exception):
@@ -109,6 +111,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
     metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb), lambda: rb.requests.batcher.stats,
                       lambda: _path_bytes(rb))
+    audit = Audit(rb, config.audit_rate, lambda: scheduler.depth, metrics.registry)
     model_name = Path(rb.model.name).name
     started = int(time.time())
 
@@ -117,6 +120,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
         yield
         # uvicorn stops taking requests and lets running ones finish first; then nothing is dropped:
         await asyncio.to_thread(scheduler.close)
+        await asyncio.to_thread(audit.close)
         await asyncio.to_thread(jobs.close)
         await asyncio.to_thread(rb.close)
 
@@ -169,7 +173,11 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
 
         def run(job: Job) -> Answer:
             try:
-                return work.run(job)
+                answer_ = work.run(job)
+                p = work.params
+                audit.offer(work.conversation.question, p.contexts, work.namespace, p.new_tokens, p.stops,
+                            p.temperature, work.session is None and work.conversation.stateless, answer_)
+                return answer_
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, _END)
 
@@ -265,6 +273,10 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     async def readyz(_namespace: str = Depends(tenant)):
         stats = await asyncio.to_thread(rb.store.stats)
         return {"status": "ready", "model": model_name, "documents": stats.documents, "queue": scheduler.depth}
+
+    @app.get("/v1/audit")
+    async def audit_view(_namespace: str = Depends(tenant)):
+        return {**audit.view(), "calibration": await asyncio.to_thread(audit.target)}
 
     @app.get("/metrics")
     async def metrics_page(_namespace: str = Depends(tenant)):

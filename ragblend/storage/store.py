@@ -21,6 +21,7 @@ from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVMeta, KVStore
 from kvchunks.paths import PathTree
+from ragblend.storage.calibration import Calibration, read_calibration
 
 FORMAT_VERSION = 1
 
@@ -67,6 +68,7 @@ class StoreStats:
     path_bytes: int = 0
     path_hits: int = 0  # requests that loaded an exact path of depth >= 2
     path_hit_tokens: int = 0
+    calibration: dict | None = None  # this model's calibrated blend setting (ragblend.storage.calibration)
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -88,6 +90,8 @@ class StoreStats:
         if m:
             rows += [("model", f"{m.model} ({m.kv_fingerprint[:12]})"), ("embedder", m.embedder),
                      ("chunk tokens", str(m.chunk_tokens)), ("index", m.index_kind)]
+        if self.calibration:
+            rows.append(("calibration", Calibration(**self.calibration).summary()))
         return [f"{k:>13}: {v}" for k, v in rows]
 
 
@@ -307,7 +311,11 @@ class Store:
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
                           pinned_bytes=pinned_bytes, evictable_bytes=kv_bytes - pinned_bytes, evicted_chunks=evicted,
                           sessions=sessions, session_bytes=session_bytes, medium=self.env.medium,
-                          paths=paths, path_bytes=path_bytes, **budget)
+                          paths=paths, path_bytes=path_bytes, **budget, calibration=self._calibration())
+
+    def _calibration(self) -> dict | None:
+        found = read_calibration(self, self.manifest.kv_fingerprint) if self.manifest else None
+        return asdict(found) if found else None
 
     def _session_bytes(self, txn: lmdb.Transaction) -> int:
         """KV bytes of every conversation turn on disk (the session records' metadata)."""
