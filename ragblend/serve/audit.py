@@ -141,7 +141,7 @@ class Audit:
         """The oldest sampled request, once nothing is queued or running; None when closing."""
         with self._cond:
             while not self._closing and (not self._pending or self.busy() > 0):
-                self._cond.wait(IDLE_POLL_S)
+                self._cond.wait(IDLE_POLL_S if self._pending else None)  # offer() and close() notify
             return None if self._closing else self._pending.popleft()
 
     def _work(self) -> None:
