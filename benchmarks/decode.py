@@ -42,7 +42,7 @@ from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E40
 from ragblend.eval.metrics import best_f1  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
-from ragblend.engine.model import _gguf_path, load_model, with_int8_decode  # noqa: E402
+from ragblend.engine.model import _gguf_path, load_model, with_decode_weights  # noqa: E402
 
 
 def step_ms(model, cache, start: int, tokens: int) -> float:
@@ -85,7 +85,7 @@ def section_cache(model, contexts: list[int], tokens: int) -> str:
 
 def section_int8(model, questions: int) -> str:
     records = make_synthetic(questions, seed=7, passages=6)
-    fast_model = with_int8_decode(model)
+    fast_model = with_decode_weights(model, "int8")
     rows = []
     with tempfile.TemporaryDirectory() as tmp, RagBlend(Path(tmp) / "store", model=model) as exact, \
             RagBlend(Path(tmp) / "store", model=fast_model) as fast:
@@ -224,7 +224,7 @@ def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: 
 def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> str:
     """One request's decode step against llama.cpp's `llama-cli` (a binary the caller built; nothing of
     llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run."""
-    int8 = with_int8_decode(model)
+    int8 = with_decode_weights(model, "int8")
     rows = []
     for context in contexts:
         llama = llama_cpp_ms_per_token(binary, model, context, tokens)
