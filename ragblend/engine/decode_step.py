@@ -57,14 +57,15 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class DecodeStep:
     """A LoadedModel's weights laid out for batched steps, in its `decode_weights` (float32 shares the
-    embeddings and norms and adds a packed copy of the Linear weights; int8 / int4 add only theirs)."""
+    embeddings and norms and adds a packed copy of the Linear weights; int8 / int4 add only theirs and
+    an int8 copy of the LM head)."""
 
     def __init__(self, loaded: LoadedModel):
         body, head, weights = loaded.model.model, loaded.model.lm_head, loaded.decode_weights
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
         self.layers = [_Layer(layer, loaded.head_dim, weights) for layer in body.layers]
         quantized = weights != "float32"
-        self.lm_head = ExactGreedyHead(head.weight, head.bias, weights) if quantized else fused_linear([head])
+        self.lm_head = ExactGreedyHead(head.weight, head.bias) if quantized else fused_linear([head])
         self.min_rows = 2 if packs(head) and not quantized else 1
 
     @torch.inference_mode()

@@ -210,10 +210,10 @@ DECODE_WEIGHTS = ("float32", "int8", "int4")
 
 
 def with_decode_weights(loaded: LoadedModel, weights: str) -> LoadedModel:
-    """The same model, decoding with `weights`: "int8" / "int4" run every Linear of a decode step and
-    the LM head on torch's weight-only CPU kernels (engine/weight_only.py, ~4x / ~7x fewer weight bytes
-    a step) with the exact greedy head (engine/exact_head.py). Prefill, stored KV and the fingerprint
-    stay float32; the weights are packed here, not on the first answer."""
+    """The same model, decoding with `weights`: "int8" / "int4" run every Linear of a decode step on
+    torch's weight-only CPU kernels (engine/weight_only.py: ~4x / ~7x fewer weight bytes) and score the
+    LM head on int8 with the exact greedy head (engine/exact_head.py). Prefill, stored KV and the
+    fingerprint stay float32; the weights are packed here, not on the first answer."""
     if weights not in DECODE_WEIGHTS:
         raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {weights!r}")
     if weights == loaded.decode_weights:
