@@ -16,7 +16,7 @@ batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) co
        against one request at a time on transformers' forward (the decode before batching).
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
 llamacpp: one request's decode step against llama.cpp's llama-cli (--llama-cli PATH, built by you)
-          on the bundled Q4_1 GGUF, at each --batch-context, fp32 and int8 decode weights.
+          on the bundled Q4_1 GGUF, at each --batch-context, fp32, int8 and int4 decode weights.
 e2e: a 32-token blend answer over 10 MuSiQue passages, decoded the way before issue 15 and today's way
      from the same prefill (--questions of them; e2e is not in the default sections).
 """
@@ -313,25 +313,25 @@ def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: 
 def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> str:
     """One request's decode step against llama.cpp's `llama-cli` (a binary the caller built; nothing of
     llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run."""
-    int8 = with_decode_weights(model, "int8")
+    quantized = {weights: with_decode_weights(model, weights) for weights in ("int8", "int4")}
     rows = []
     for context in contexts:
         llama = llama_cpp_ms_per_token(binary, model, context, tokens)
         ours = {}
-        for name, weights in (("fp32", model), ("int8", int8)):
+        for name, weights in (("fp32", model), *quantized.items()):
             sequence = Sequence(weights, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
             timed_steps(weights, [sequence], 4, True)  # packs the weights
             ours[name] = statistics.median(timed_steps(weights, [sequence], tokens, True)) * 1e3
         rows.append(f"| {context:,} | {llama:.1f} ms | {ours['fp32']:.1f} ms ({ours['fp32'] / llama:.2f}x) | "
-                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) |")
+                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) | {ours['int4']:.1f} ms ({ours['int4'] / llama:.2f}x) |")
         print(rows[-1], flush=True)
     return "\n".join([
         f"One request's decode step after a prompt of the given length, {tokens} tokens, {torch.get_num_threads()} "
         "threads each, same machine, one run (llama.cpp: its own eval timing, median of 2 runs; ragblend: median "
         "step). llama.cpp reads the bundled Q4_1 weights (~92 MB) and an fp16 cache; ragblend fp32 weights "
-        "(540 MB) or int8 decode weights, and an fp32 cache.", "",
-        "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights |",
-        "|---|---|---|---|", *rows])
+        "(540 MB) or int8 / int4 decode weights, and an fp32 cache.", "",
+        "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights | ragblend int4 |",
+        "|---|---|---|---|---|", *rows])
 
 
 def rss_mb(field: str) -> float:
