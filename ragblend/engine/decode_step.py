@@ -6,8 +6,9 @@ caches of different lengths are never padded or copied into a batch.
 
 On the CPU the float Linear weights are prepacked for oneDNN's small-batch kernel: 2x faster than
 torch's default matmul for 1-8 rows here, and each row's result does not depend on the other rows, so
-a request decodes the same tokens alone or in any batch. int8 (dynamic-quantized) layers quantize
-their input per tensor, so they run one row at a time for the same reason.
+a request decodes the same tokens alone or in any batch. int8 and int4 decode weights run torch's
+weight-only kernels (weight_only.py), whose rows are independent too, and the exact greedy head
+(exact_head.py).
 """
 from __future__ import annotations
 
