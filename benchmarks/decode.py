@@ -157,9 +157,10 @@ def section_weights(model, contexts: list[int], tokens: int, rounds: int = 4) ->
     for context in contexts:
         sequences = [Sequence(model, *prompt_cache(model, context + 17 * i, i), context + 17 * i, SamplingConfig(), [])
                      for i in range(4 if context == contexts[0] else 1)]
-        for option in options.values():
+        for weights, option in options.items():
             timed_steps(option, sequences[:1], 2, True)  # warm-up
-            option.decode_step.lm_head.__dict__.update(rows=0, recomputed=0)  # the exact head's counters
+            if weights != "float32":  # the exact head counts from here
+                option.decode_step.lm_head.rows = option.decode_step.lm_head.recomputed = 0
         one, four = {w: [] for w in WEIGHTS}, {w: [] for w in WEIGHTS}
         for _ in range(rounds):
             for weights, option in options.items():
