@@ -1,19 +1,22 @@
 """Decode with the real model.
 
-    python benchmarks/decode.py [--sections cache,int8,batch,memory,e2e] [--contexts 2000,6000] [--tokens 64]
-                                [--questions 24] [--batch-context 2000,5500] [--memory-context 7000]
-                                [--answer-tokens 32] [--write-docs]
+    python benchmarks/decode.py [--sections cache,weights,quality,batch,memory,e2e] [--contexts 2000,6000]
+                                [--tokens 64] [--questions 24] [--batch-context 2000,5500] [--memory-context 7000]
+                                [--weights-context 2000,5500] [--answer-tokens 32] [--write-docs]
 
 cache: step time with transformers' DynamicCache (concatenates every token) against ragblend's decode
        cache (writes in place), at ~2k and ~6k context, and where a step's time goes (torch profiler).
-int8: answers and decode speed with int8 decode weights against float32 on the synthetic eval set
-      (passages as contexts, greedy, full and blend): identical answers, F1 to gold, ms per token.
+weights: float32, int8 and int4 decode weights side by side in alternating rounds of one run: one request's
+         step at each --weights-context, a step of 4 requests at the first, the LM head alone and the share
+         of the vocabulary the exact head recomputes, and the resident memory each option's weights add.
+quality: answers with each option against float32 on the synthetic eval set (--questions, passages as
+         contexts, greedy, full and blend): F1 to gold, correct, kept share, identical first lines, ms/token.
 batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) context each, in alternating rounds in one run
        (so a busy machine slows them alike): step time, per-request latency, aggregate throughput,
        against one request at a time on transformers' forward (the decode before batching).
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
 llamacpp: one request's decode step against llama.cpp's llama-cli (--llama-cli PATH, built by you)
-          on the bundled Q4_1 GGUF, at each --batch-context, fp32 and int8 decode weights.
+          on the bundled Q4_1 GGUF, at each --batch-context, fp32, int8 and int4 decode weights.
 e2e: a 32-token blend answer over 10 MuSiQue passages, decoded the way before issue 15 and today's way
      from the same prefill (--questions of them; e2e is not in the default sections).
 """
@@ -39,10 +42,10 @@ from transformers import DynamicCache  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
 from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E402
-from ragblend.eval.metrics import best_f1  # noqa: E402
+from ragblend.eval.metrics import best_f1, contains_answer, first_line, keeps  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
-from ragblend.engine.model import _gguf_path, load_model, with_int8_decode  # noqa: E402
+from ragblend.engine.model import _gguf_path, load_model, with_decode_weights  # noqa: E402
 
 
 def step_ms(model, cache, start: int, tokens: int) -> float:
@@ -83,35 +86,6 @@ def section_cache(model, contexts: list[int], tokens: int) -> str:
     return "\n".join(lines)
 
 
-def section_int8(model, questions: int) -> str:
-    records = make_synthetic(questions, seed=7, passages=6)
-    fast_model = with_int8_decode(model)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, RagBlend(Path(tmp) / "store", model=model, exact_paths=False) as exact, \
-            RagBlend(Path(tmp) / "store", model=fast_model, exact_paths=False) as fast:
-        for mode in ("full", "blend"):
-            result = {"same": 0, "f1": [0.0, 0.0], "ms": [[], []]}
-            for record in records:
-                passages = [c["text"] for c in record["ctxs"]]
-                answers = [rb.query(record["question"], contexts=passages, mode=mode, max_new_tokens=32)
-                           for rb in (exact, fast)]
-                result["same"] += answers[0].token_ids == answers[1].token_ids
-                for i, answer in enumerate(answers):
-                    result["f1"][i] += best_f1(answer.text, record["answers"]) / len(records)
-                    if len(answer.token_ids) > 1:
-                        result["ms"][i].append(1e3 * answer.timings["decode_s"] / len(answer.token_ids))
-            rows.append((mode, result))
-            print(mode, result["same"], result["f1"], flush=True)
-    lines = [f"{questions} synthetic questions (seed 7, 6 passages each as contexts, greedy, up to 32 new tokens); "
-             "prefill is float32 in both rows, so the first token is the same.", "",
-             "| mode | answers identical to float32 decode | F1 to gold: float32 / int8 | ms per decoded token: float32 / int8 |",
-             "|---|---|---|---|"]
-    for mode, r in rows:
-        lines.append(f"| {mode} | {r['same']} of {questions} | {r['f1'][0]:.3f} / {r['f1'][1]:.3f} | "
-                     f"{statistics.median(r['ms'][0]):.1f} / {statistics.median(r['ms'][1]):.1f} |")
-    return "\n".join(lines)
-
-
 def prompt_cache(model, length: int, seed: int):
     """A random prompt of `length` tokens prefilled into a decode cache."""
     ids = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -138,6 +112,123 @@ def timed_steps(model, sequences: list[Sequence], tokens: int, batched: bool) ->
         sequence.cache.crop(-tokens)
         sequence.generated.clear()
     return times
+
+
+WEIGHTS = ("float32", "int8", "int4")
+
+
+def decode_weights_mb(option) -> float:
+    """The bytes an option's decode step holds beside the float32 model: float32 packs a copy of every
+    Linear weight (oneDNN's packed tensors hide their size: counted as the float32 weights they hold)."""
+    step = option.decode_step
+    if option.decode_weights == "float32":
+        linears = [m for m in option.model.modules() if isinstance(m, torch.nn.Linear)]
+        return sum(m.weight.numel() * 4 for m in linears) / 2**20
+    layers = [layer.__dict__[name] for layer in step.layers for name in ("qkv", "o_proj", "down", "gate_up")]
+    head = step.lm_head
+    tensors = [t for q in [*layers, head.scores] for t in (q.packed, q.scales, q.bias) if t is not None]
+    tensors += [head.error_norms, head.row_norms, head.sum_reach]
+    return sum(t.untyped_storage().nbytes() for t in tensors) / 2**20
+
+
+def decode_options(model) -> tuple[dict, dict]:
+    """Each decode-weights option of `model`, packed, and the MB its decode weights hold."""
+    options = {w: with_decode_weights(model, w) if w != "float32" else model for w in WEIGHTS}
+    return options, {w: decode_weights_mb(option) for w, option in options.items()}
+
+
+def head_ms(option, sequence: Sequence, repeats: int = 10) -> float:
+    """The LM head alone on one request's hidden state (the float32 head packed for 2 rows)."""
+    step = option.decode_step
+    hidden = step.hidden([200], [sequence.position + 1], [sequence.cache])
+    sequence.cache.crop(-1)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step.lm_head(hidden)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e3
+
+
+def section_weights(model, contexts: list[int], tokens: int, rounds: int = 4) -> str:
+    options, added = decode_options(model)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
+    rows = {w: {} for w in WEIGHTS}
+    for context in contexts:
+        sequences = [Sequence(model, *prompt_cache(model, context + 17 * i, i), context + 17 * i, SamplingConfig(), [])
+                     for i in range(4 if context == contexts[0] else 1)]
+        for weights, option in options.items():
+            timed_steps(option, sequences[:1], 2, True)  # warm-up
+            if weights != "float32":  # the exact head counts from here
+                option.decode_step.lm_head.rows = option.decode_step.lm_head.recomputed = 0
+        one, four = {w: [] for w in WEIGHTS}, {w: [] for w in WEIGHTS}
+        for _ in range(rounds):
+            for weights, option in options.items():
+                one[weights] += timed_steps(option, sequences[:1], tokens // rounds, True)
+                if len(sequences) == 4:
+                    four[weights] += timed_steps(option, sequences, tokens // rounds, True)
+        for weights, option in options.items():
+            head = option.decode_step.lm_head
+            rows[weights][context] = statistics.median(one[weights]) * 1e3
+            if four[weights]:
+                rows[weights]["four"] = statistics.median(four[weights]) * 1e3
+            if weights != "float32":
+                rows[weights][f"share-{context}"] = head.recomputed / (head.rows * model.config.vocab_size)
+            if context == contexts[0]:
+                rows[weights]["head"] = head_ms(option, sequences[0])
+        print(context, rows, flush=True)
+    first = contexts[0]
+    base = rows["float32"]
+    lines = [f"One request's decode step (median over {tokens} tokens per option, in {rounds} alternating rounds of "
+             f"the three options), a step of 4 requests at ~{first:,} tokens each, the LM head alone (median of 10), "
+             "and the memory each option's decode weights add to the float32 model that prefill keeps "
+             f"({weights_mb:,.0f} MB of parameters). SmolLM2-135M, random prompts, fixed decoded tokens.", "",
+             "| decode weights | " + " | ".join(f"step at {c:,}" for c in contexts)
+             + f" | 4 requests at {first:,}: step / aggregate vs one | LM head | logits recomputed in float32 | "
+             "decode weights' memory |",
+             "|---|" + "---|" * len(contexts) + "---|---|---|---|"]
+    for weights in WEIGHTS:
+        r = rows[weights]
+        steps = " | ".join(f"{r[c]:.1f} ms ({r[c] / base[c]:.2f}x)" for c in contexts)
+        share = " / ".join(f"{100 * r[f'share-{c}']:.2f}%" for c in contexts) if weights != "float32" else "(all)"
+        lines.append(f"| {weights} | {steps} | {r['four']:.1f} ms / {4 * r[first] / r['four']:.2f}x | "
+                     f"{r['head']:.1f} ms | {share} | {added[weights]:,.0f} MB |")
+    return "\n".join(lines)
+
+
+def section_quality(model, questions: int, tokens: int = 32) -> str:
+    records = make_synthetic(questions, seed=7, passages=6)
+    options, _ = decode_options(model)
+    lines = [f"{questions} synthetic questions (seed 7, 6 passages each as contexts, greedy, up to {tokens} new "
+             "tokens). Prefill is float32 for every option, so the first token is the same; correct = the gold "
+             "answer in the first line; kept = share of float32's correct answers the option also gets right.", "",
+             "| mode | decode weights | F1 to gold | correct | kept | first line identical to float32 | "
+             "tokens identical | ms per token |", "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        # The tree off: full's paths would make the blend rows full prefill's answers (loaded, not fused).
+        rbs = {w: RagBlend(Path(tmp) / "store", model=option, exact_paths=False) for w, option in options.items()}
+        for mode in ("full", "blend"):
+            answers = {w: [] for w in WEIGHTS}
+            for record in records:
+                passages = [c["text"] for c in record["ctxs"]]
+                for weights, rb in rbs.items():  # alternating: a busy machine slows them alike
+                    answers[weights].append(rb.query(record["question"], contexts=passages, mode=mode,
+                                                     max_new_tokens=tokens))
+            correct = {w: [contains_answer(a.text, r["answers"]) for a, r in zip(answers[w], records)] for w in WEIGHTS}
+            for weights in WEIGHTS:
+                pairs = list(zip(answers["float32"], answers[weights]))
+                f1 = statistics.mean(best_f1(a.text, r["answers"]) for a, r in zip(answers[weights], records))
+                kept = keeps(correct["float32"], correct[weights])
+                ms = statistics.median(1e3 * a.timings["decode_s"] / len(a.token_ids) for a in answers[weights]
+                                       if len(a.token_ids) > 1)
+                lines.append(f"| {mode} | {weights} | {f1:.3f} | {sum(correct[weights])} of {questions} | "
+                             f"{'n/a' if kept is None else f'{kept:.0%}'} | "
+                             f"{sum(first_line(a.text) == first_line(b.text) for a, b in pairs)} of {questions} | "
+                             f"{sum(a.token_ids == b.token_ids for a, b in pairs)} of {questions} | {ms:.1f} |")
+                print(lines[-1], flush=True)
+        for rb in rbs.values():
+            rb.close()
+    return "\n".join(lines)
 
 
 def section_batch(model, context: int, tokens: int, rounds: int = 4) -> str:
@@ -224,25 +315,25 @@ def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: 
 def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> str:
     """One request's decode step against llama.cpp's `llama-cli` (a binary the caller built; nothing of
     llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run."""
-    int8 = with_int8_decode(model)
+    quantized = {weights: with_decode_weights(model, weights) for weights in ("int8", "int4")}
     rows = []
     for context in contexts:
         llama = llama_cpp_ms_per_token(binary, model, context, tokens)
         ours = {}
-        for name, weights in (("fp32", model), ("int8", int8)):
+        for name, weights in (("fp32", model), *quantized.items()):
             sequence = Sequence(weights, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
             timed_steps(weights, [sequence], 4, True)  # packs the weights
             ours[name] = statistics.median(timed_steps(weights, [sequence], tokens, True)) * 1e3
         rows.append(f"| {context:,} | {llama:.1f} ms | {ours['fp32']:.1f} ms ({ours['fp32'] / llama:.2f}x) | "
-                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) |")
+                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) | {ours['int4']:.1f} ms ({ours['int4'] / llama:.2f}x) |")
         print(rows[-1], flush=True)
     return "\n".join([
         f"One request's decode step after a prompt of the given length, {tokens} tokens, {torch.get_num_threads()} "
         "threads each, same machine, one run (llama.cpp: its own eval timing, median of 2 runs; ragblend: median "
         "step). llama.cpp reads the bundled Q4_1 weights (~92 MB) and an fp16 cache; ragblend fp32 weights "
-        "(540 MB) or int8 decode weights, and an fp32 cache.", "",
-        "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights |",
-        "|---|---|---|---|", *rows])
+        "(540 MB) or int8 / int4 decode weights, and an fp32 cache.", "",
+        "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights | ragblend int4 |",
+        "|---|---|---|---|---|", *rows])
 
 
 def rss_mb(field: str) -> float:
@@ -269,7 +360,7 @@ def section_memory(model, context: int, tokens: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="cache,int8,batch,memory")
+    parser.add_argument("--sections", default="cache,weights,quality,batch,memory")
     parser.add_argument("--contexts", default="2000,6000")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--questions", type=int, default=24)
@@ -277,6 +368,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=32, help="e2e: tokens per answer")
     parser.add_argument("--llama-cli", help="llamacpp: path to llama.cpp's llama-cli binary")
     parser.add_argument("--memory-context", type=int, default=7000)
+    parser.add_argument("--weights-context", default="2000,5500", help="weights: contexts, the first also batched")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     model = load_model(None)
@@ -285,8 +377,13 @@ def main() -> None:
     if "cache" in sections:
         report("decode", section_cache(model, [int(c) for c in args.contexts.split(",")], args.tokens),
                f"{command} cache --contexts {args.contexts} --tokens {args.tokens}", write)
-    if "int8" in sections:
-        report("decode-int8", section_int8(model, args.questions), f"{command} int8 --questions {args.questions}", write)
+    if "weights" in sections:
+        contexts = [int(c) for c in args.weights_context.split(",")]
+        report("decode-weights", section_weights(model, contexts, args.tokens),
+               f"{command} weights --weights-context {args.weights_context} --tokens {args.tokens}", write)
+    if "quality" in sections:
+        report("decode-quality", section_quality(model, args.questions),
+               f"{command} quality --questions {args.questions}", write)
     if "batch" in sections:
         for context in [int(c) for c in args.batch_context.split(",")]:
             report(f"decode-batch-{context}", section_batch(model, context, args.tokens),

@@ -19,7 +19,7 @@ from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.storage.documents import Document, coerce_document
 from ragblend.engine.generate import SamplingConfig
-from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet_loading, with_int8_decode
+from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet_loading, with_decode_weights
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.calibration import read_calibration
@@ -60,8 +60,9 @@ class RagBlend:
         recomputed when next retrieved); None keeps the store's setting (unbounded unless set).
         `kv_dtype`: how a new store encodes chunk KV, "float16" (default) or "int8" (KIVI-style, about
         half the bytes); an existing store keeps its own and refuses another.
-        `decode_weights`: "int8" decodes with int8 dynamic-quantized Linear layers (CPU; prefill and
-        stored KV stay float32): see docs/benchmarks.md for its speed and answers against float32.
+        `decode_weights`: "int8" / "int4" decode on weight-only int8 / int4 kernels (CPU; prefill and
+        stored KV stay float32; greedy tokens are the float32 head's for the hidden state): see
+        docs/benchmarks.md for their speed and answers against float32.
         `kv_policy`: what the KV budget evicts first, "pgdsf" (RAGCache's prefix-aware Greedy-Dual-Size-Frequency:
         hits x compute saved / bytes, aged) or "lru"; chunk KV and exact paths share the one budget.
         `exact_paths`: keep and use the exact-path tree (KV of chunk sequences computed in full context, loaded
@@ -75,8 +76,8 @@ class RagBlend:
         if kv_policy not in POLICIES:
             raise ValueError(f"kv_policy must be one of {', '.join(POLICIES)}, got {kv_policy!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-        if decode_weights == "int8":
-            self.model = with_int8_decode(self.model)
+        if decode_weights != "float32":
+            self.model = with_decode_weights(self.model, decode_weights)
         with quiet_loading():
             self.embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
         self.template = PromptTemplate.for_tokenizer(self.model.tokenizer)

@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")
     serve.add_argument("--session-ram-bytes", type=int, default=512 << 20,
                        help="RAM tier for conversation KV (default 512 MiB; the disk tier holds all of it)")
-    serve.add_argument("--decode-weights", choices=["float32", "int8"], default="float32",
-                       help="int8: decode ~1.6x faster per token, not always the same text")
+    serve.add_argument("--decode-weights", choices=["float32", "int8", "int4"], default="float32",
+                       help="int8 / int4: faster decode on weight-only kernels, not always the same text")
     serve.add_argument("--audit-rate", type=float, default=0.0, metavar="P",
                        help="re-answer this share of greedy one-shot blend requests with full prefill when the server "
                             "is idle, and report agreement in /metrics and GET /v1/audit (default 0: off)")

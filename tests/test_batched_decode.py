@@ -15,7 +15,7 @@ from ragblend import RagBlend
 from ragblend.engine.batcher import Batcher
 from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.generate import SamplingConfig, Sequence, decode, feed, step
-from ragblend.engine.model import with_int8_decode
+from ragblend.engine.model import DECODE_WEIGHTS, with_decode_weights
 
 
 def prompt(model, length: int, seed: int) -> tuple[DynamicCache, torch.Tensor]:
@@ -71,10 +71,9 @@ def test_a_step_is_the_models_own_forward(tiny_model_factory, kind):
     assert ours.get_seq_length() == reference.get_seq_length() == 41
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny_model_factory, int8):
-    model = tiny_model_factory("llama")
-    model = with_int8_decode(model) if int8 else model
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
+def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny_model_factory, weights):
+    model = with_decode_weights(tiny_model_factory("llama"), weights)
     requests = [  # prompt lengths differ; requests join late and leave at their budget or a stop string
         (40, 0, SamplingConfig(max_new_tokens=20), 0),
         (75, 1, SamplingConfig(max_new_tokens=6), 0),
@@ -87,11 +86,14 @@ def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny
     assert len(expected[3][0]) < 12  # the stop string ended it early
 
 
-def test_concurrent_queries_share_steps_and_answer_as_they_do_one_by_one(tiny_model_factory, embedder, tmp_path):
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
+def test_concurrent_queries_share_steps_and_answer_as_they_do_one_by_one(tiny_model_factory, embedder, tmp_path,
+                                                                          weights):
     passages = ["The lighthouse of Varn was built in 1821 by the engineer Oda Pell.",
                 "Oda Pell later designed three bridges over the river Am in Kessel."]
     questions = ["Who built the lighthouse?", "What did Oda Pell design?", "Where is Kessel?", "When was it built?"]
-    with RagBlend(tmp_path / "store", model=tiny_model_factory("llama"), embedder=embedder) as rb:
+    with RagBlend(tmp_path / "store", model=tiny_model_factory("llama"), embedder=embedder,
+                  decode_weights=weights) as rb:
         ask = lambda q: rb.query(q, contexts=passages, mode="blend", max_new_tokens=24)  # noqa: E731
         one_by_one = [ask(q).token_ids for q in questions]
         before = rb.requests.batcher.stats.steps, rb.requests.batcher.stats.tokens

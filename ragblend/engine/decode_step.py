@@ -6,8 +6,9 @@ caches of different lengths are never padded or copied into a batch.
 
 On the CPU the float Linear weights are prepacked for oneDNN's small-batch kernel: 2x faster than
 torch's default matmul for 1-8 rows here, and each row's result does not depend on the other rows, so
-a request decodes the same tokens alone or in any batch. int8 (dynamic-quantized) layers quantize
-their input per tensor, so they run one row at a time for the same reason.
+a request decodes the same tokens alone or in any batch. int8 and int4 decode weights run torch's
+weight-only kernels (weight_only.py), whose rows are independent too, and the exact greedy head
+(exact_head.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from ragblend.engine.decode_attention import decode_attention
+from ragblend.engine.exact_head import ExactGreedyHead
+from ragblend.engine.weight_only import quantize
 
 if TYPE_CHECKING:
     from ragblend.engine.model import LoadedModel
@@ -31,18 +34,19 @@ def packs(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def fused_linear(modules: list[torch.nn.Module]) -> Linear:
-    """One callable for Linear layers sharing an input: their outputs side by side. Packed layers take
-    at least two rows (oneDNN takes another kernel for a single row, whose sums differ in the last bits)."""
+def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Linear:
+    """One callable for Linear layers sharing an input: their outputs side by side, with float32 or
+    int8 / int4 (weight-only) decode weights. Packed float layers take at least two rows (oneDNN takes
+    another kernel for a single row, whose sums differ in the last bits)."""
     first = modules[0]
-    if packs(first):
-        weight = torch.cat([m.weight for m in modules])
-        bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if isinstance(first, torch.nn.Linear):  # on an accelerator: the modules as they are
+    if weights == "float32" and not packs(first):  # on an accelerator: the modules as they are
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    return lambda x: torch.cat([torch.cat([m(row) for m in modules], dim=-1) for row in x.split(1)])
+    weight = torch.cat([m.weight for m in modules])
+    bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
+    if weights != "float32":
+        return quantize(weight, weights, bias)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -53,19 +57,26 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeStep:
-    """The decode weights of a LoadedModel (`decode_model` if set), laid out for batched steps."""
+    """A LoadedModel's weights laid out for batched steps, in its `decode_weights` (float32 shares the
+    embeddings and norms and adds a packed copy of the Linear weights; int8 / int4 add only theirs and
+    an int8 copy of the LM head)."""
 
     def __init__(self, loaded: LoadedModel):
-        source = loaded.decode_model or loaded.model
-        body = source.model
+        body, head, weights = loaded.model.model, loaded.model.lm_head, loaded.decode_weights
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
-        self.layers = [_Layer(layer, loaded.head_dim) for layer in body.layers]
-        self.lm_head = fused_linear([source.lm_head])
-        self.min_rows = 2 if packs(body.layers[0].mlp.down_proj) else 1
+        self.layers = [_Layer(layer, loaded.head_dim, weights) for layer in body.layers]
+        quantized = weights != "float32"
+        self.lm_head = ExactGreedyHead(head.weight, head.bias) if quantized else fused_linear([head])
+        self.min_rows = 2 if packs(head) and not quantized else 1
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
         """Feed token i at positions[i] over caches[i] (each grows by it): next-token logits [len, vocab]."""
+        return self.lm_head(self.hidden(tokens, positions, caches))[:len(tokens)].float()
+
+    @torch.inference_mode()
+    def hidden(self, tokens: list[int], positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
+        """What the LM head reads: the final norm's output, [len, hidden] padded to `min_rows` rows."""
         device, padding = self.embed.weight.device, max(0, self.min_rows - len(tokens))
         hidden = self.embed(torch.tensor(tokens + tokens[:1] * padding, device=device))
         cos, sin = self.rotary(hidden, torch.tensor(positions + positions[:1] * padding, device=device)[:, None])
@@ -73,17 +84,17 @@ class DecodeStep:
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's signs, once per step
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, signed_sin, caches, index)
-        return self.lm_head(rms_norm(self.norm, hidden))[:len(tokens)].float()
+        return rms_norm(self.norm, hidden)
 
 
 class _Layer:
-    def __init__(self, layer: torch.nn.Module, head_dim: int):
+    def __init__(self, layer: torch.nn.Module, head_dim: int, weights: str):
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        self.qkv = fused_linear([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.o_proj, self.down = fused_linear([attention.o_proj]), fused_linear([mlp.down_proj])
-        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj])
+        self.qkv = fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], weights)
+        self.o_proj, self.down = fused_linear([attention.o_proj], weights), fused_linear([mlp.down_proj], weights)
+        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], weights)
         self.act, self.scaling, self.head_dim = mlp.act_fn, attention.scaling, head_dim
         self.q_heads = attention.q_proj.out_features // head_dim
         self.qk_width = attention.q_proj.out_features + attention.k_proj.out_features

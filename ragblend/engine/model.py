@@ -1,14 +1,12 @@
 """Model loading: the bundled SmolLM2 GGUF (converted once to safetensors) or any local HF causal-LM folder."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -40,7 +38,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     fingerprint: str
-    decode_model: PreTrainedModel | None = None  # what decode steps run (default: `model`), see with_int8_decode
+    decode_weights: str = "float32"  # what decode steps multiply by, see with_decode_weights
 
     @cached_property
     def decode_step(self) -> DecodeStep:
@@ -208,16 +206,20 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
 
 
-DECODE_WEIGHTS = ("float32", "int8")
+DECODE_WEIGHTS = ("float32", "int8", "int4")
 
 
-def with_int8_decode(loaded: LoadedModel) -> LoadedModel:
-    """The same model, decoding with int8 dynamic-quantized Linear layers (LM head and embeddings kept):
-    a decode step reads ~4x fewer weight bytes. Prefill, stored KV and its fingerprint are unchanged."""
-    if loaded.device.type != "cpu":
-        raise ValueError("int8 decode weights use torch's CPU kernels; run on the CPU or keep float32")
-    twin = copy.deepcopy(loaded.model)
-    with warnings.catch_warnings():  # torch marks its eager quantization API as moving to torchao
-        warnings.simplefilter("ignore")
-        twin.model = torch.ao.quantization.quantize_dynamic(twin.model, {torch.nn.Linear}, dtype=torch.qint8)
-    return replace(loaded, decode_model=twin.eval())
+def with_decode_weights(loaded: LoadedModel, weights: str) -> LoadedModel:
+    """The same model, decoding with `weights`: "int8" / "int4" run every Linear of a decode step on
+    torch's weight-only CPU kernels (engine/weight_only.py: ~4x / ~7x fewer weight bytes) and score the
+    LM head on int8 with the exact greedy head (engine/exact_head.py). Prefill, stored KV and the
+    fingerprint stay float32; the weights are packed here, not on the first answer."""
+    if weights not in DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {weights!r}")
+    if weights == loaded.decode_weights:
+        return loaded
+    if weights != "float32" and (loaded.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
+        raise ValueError(f"{weights} decode weights use torch's CPU kernels; run on the CPU or keep float32")
+    twin = replace(loaded, decode_weights=weights)
+    twin.decode_step  # noqa: B018 - packs the weights now
+    return twin
