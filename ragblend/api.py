@@ -101,6 +101,7 @@ class RagBlend:
         self.requests = RequestPath(self.model, self.store, self.ingestor, exact_paths)
         self.ingestor.expire()
         self._session_ram_bytes = session_ram_bytes
+        self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
         self._sessions: SessionManager | None = None
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False,
@@ -173,9 +174,14 @@ class RagBlend:
         return calibrate(self, questions, config or CalibrationConfig(), **options)
 
     def calibrated_blend(self) -> BlendConfig | None:
-        """The store's calibrated blend setting for this model, if it has one (read per query)."""
-        found = read_calibration(self.store, self.store.manifest.kv_fingerprint)
-        return found.blend() if found else None
+        """The store's calibrated blend setting for this model, if it has one (read per query, so a new
+        calibration applies at once); while a shared backend is down, the one last read."""
+        try:
+            found = read_calibration(self.store, self.store.manifest.kv_fingerprint)
+        except BackendUnavailableError:  # the request goes on computing what it cannot load: keep its quality
+            return self._calibrated
+        self._calibrated = found.blend() if found else None
+        return self._calibrated
 
     # ---- conversations ------------------------------------------------------------------------
 

@@ -128,7 +128,7 @@ class RequestPath:
             self._save_paths(chunks, plan, prefill.cache)
         timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
                    "ttft_s": time.perf_counter() - start, "exact_hit_tokens": exact_tokens, "tree_s": tree_s,
-                   "kv_hits": len(plan.loaded) - misses, "kv_misses": misses}
+                   "kv_hits": len(plan.loaded) - misses + max(plan.exact - 1, 0), "kv_misses": misses}
         return PreparedPrompt(plan.layout, prefill, chunks, timings, order)
 
     def _tree_applies(self, history: History) -> bool:
