@@ -36,6 +36,18 @@ ATTENTION_TOKENS = 1300
 CACHE_ORDER_LOOKUPS = 64  # node look-ups a cache-order walk may make (k <= 6 chunks needs far fewer)
 
 
+def _scan(txn: lmdb.Transaction, db, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every record of `db` whose key starts with `prefix`, in key order."""
+    found = []
+    with txn.cursor(db=db) as cursor:
+        if cursor.set_range(prefix):
+            for key, raw in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                found.append((bytes(key), bytes(raw)))
+    return found
+
+
 def path_key(chunk_ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(chunk_ids).encode()).hexdigest()[:40]
 
@@ -86,15 +98,7 @@ class PathTree:
         return None if raw is None else PathNode(**json.loads(bytes(raw)))
 
     def nodes(self, txn: lmdb.Transaction) -> list[PathNode]:
-        prefix = f"{self.fingerprint}/".encode()
-        found = []
-        with txn.cursor(db=self.nodes_db) as cursor:
-            if cursor.set_range(prefix):
-                for key, raw in cursor:
-                    if not bytes(key).startswith(prefix):
-                        break
-                    found.append(PathNode(**json.loads(bytes(raw))))
-        return found
+        return [PathNode(**json.loads(raw)) for _, raw in _scan(txn, self.nodes_db, f"{self.fingerprint}/".encode())]
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -170,14 +174,7 @@ class PathTree:
         dropped = 0
         for chunk in set(chunk_ids):
             prefix = f"{chunk}/".encode()
-            with txn.cursor(db=self.through_db) as cursor:
-                keys = []
-                if cursor.set_range(prefix):
-                    for key, _ in cursor:
-                        if not bytes(key).startswith(prefix):
-                            break
-                        keys.append(bytes(key)[len(prefix):].decode())
-            for key in keys:
+            for key in [key[len(prefix):].decode() for key, _ in _scan(txn, self.through_db, prefix)]:
                 raw = txn.get(self._node_key(key), db=self.nodes_db)
                 if raw is not None:
                     self.delete(txn, PathNode(**json.loads(bytes(raw))))
