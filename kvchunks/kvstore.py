@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kvchunks.codecs import codec_for
-from kvchunks.precompute import ChunkKV
+from ragblend.engine.precompute import ChunkKV
 
 
 class CorruptKVError(ValueError):

@@ -9,7 +9,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
-from kvchunks.precompute import ChunkKV
+from ragblend.engine.precompute import ChunkKV
 
 
 def kv_bytes(kv: ChunkKV) -> int:

@@ -17,7 +17,7 @@ from conftest import save_model_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from index.docstore import ChunkRecord
-from kvchunks.precompute import compute_kv
+from ragblend.engine.precompute import compute_kv
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
 from ragblend.engine.model import LoadedModel, load_model

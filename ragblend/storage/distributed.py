@@ -17,7 +17,7 @@ import torch
 
 from kvchunks.backends import open_env
 from kvchunks.kvstore import KVStore
-from kvchunks.precompute import ChunkKV, SpanComputer, batches_by_length
+from ragblend.engine.precompute import ChunkKV, SpanComputer, batches_by_length
 from ragblend.engine.model import load_model
 
 try:

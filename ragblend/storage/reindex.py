@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kvchunks.chunking import validate_chunk_tokens
 from kvchunks.kvstore import KVStore
-from kvchunks.precompute import SpanComputer
+from ragblend.engine.precompute import SpanComputer
 from ragblend.engine.model import LoadedModel, load_model
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.storage.maintenance import collect_garbage
