@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kvchunks.codecs import codec_for
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 
 
 class CorruptKVError(ValueError):

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import lmdb
 
 from kvchunks.kvstore import KVStore, StoredKV
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.tiers import RamTier
 
 DEFAULT_PATH_RAM_BYTES = 256 << 20

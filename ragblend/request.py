@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from kvchunks.backends import BackendUnavailableError
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.paths import path_key
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk

@@ -17,7 +17,7 @@ import lmdb
 
 from index.namespaces import DEFAULT_NAMESPACE, label, unscoped
 from kvchunks.kvstore import KVStore
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.tiers import RamTier
 from ragblend.storage.store import Store, StoreMismatchError
 

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
 from kvchunks.kvstore import CorruptKVError, StoredKV
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from ragblend.answer import Answer, AnswerStream
 from ragblend.contexts import ContextChunk
 from ragblend.engine.fusion import Prefill

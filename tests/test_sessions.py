@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.rope import apply_rope, unrotate
 from kvchunks.tiers import RamTier
 from conftest import make_tiny_model_dir

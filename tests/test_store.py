@@ -20,7 +20,7 @@ import torch
 from index.docstore import vector_id
 from kvchunks.backends.lmdb_env import LmdbEnv
 from kvchunks.kvstore import KVStore
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from ragblend.api import RagBlend
 from ragblend.storage.documents import coerce_document
 from ragblend.storage.store import Store, StoreMismatchError

@@ -16,7 +16,7 @@ import lmdb
 import torch
 
 from kvchunks.kvstore import StoredKV
-from ragblend.engine.precompute import ChunkKV
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.rope import rotate_in_place
 from ragblend.engine.decode_cache import with_spare_rows
 

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from kvchunks.chunk_kv import ChunkKV
 from kvchunks.rope import apply_rope, rotary_cos_sin
-
-
-@dataclass
-class ChunkKV:
-    """KV of one token span, per layer: keys pre-RoPE, both [layers, kv_heads, n, head_dim]."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys.shape[2]
 
 
 @contextmanager

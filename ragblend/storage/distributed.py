@@ -17,7 +17,8 @@ import torch
 
 from kvchunks.backends import open_env
 from kvchunks.kvstore import KVStore
-from ragblend.engine.precompute import ChunkKV, SpanComputer, batches_by_length
+from kvchunks.chunk_kv import ChunkKV
+from ragblend.engine.precompute import SpanComputer, batches_by_length
 from ragblend.engine.model import load_model
 
 try:

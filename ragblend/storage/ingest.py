@@ -19,7 +19,8 @@ from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.backends import StoreFullError
 from kvchunks.backends.lmdb_env import MAX_STORE_BYTES_ENV
 from kvchunks.chunking import Chunk, chunk_id, split_document
-from ragblend.engine.precompute import ChunkKV, SpanComputer
+from kvchunks.chunk_kv import ChunkKV
+from ragblend.engine.precompute import SpanComputer
 from ragblend.storage.documents import Document
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.prompt import PromptTemplate
