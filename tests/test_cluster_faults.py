@@ -108,6 +108,43 @@ def test_a_query_answers_while_a_node_is_killed_and_hits_again_once_it_is_restar
     assert chunk_records(rb) == before and rb.store.check() == []  # appendonly: the node kept every record
 
 
+def test_slots_resharded_while_a_replica_serves_lose_nothing_and_cost_no_recompute(rb, cluster):
+    """The global slot and every slot the query reads move to another primary, key by key, while queries
+    run: the client follows ASK and MOVED, so every answer loads its KV (none recomputed), and afterwards
+    every record is where the new owner serves it and writes go on."""
+    expected = rb.query(QUESTION, top_k=TOP_K, max_new_tokens=6)
+    before = chunk_records(rb)
+    client = rb.store.env.client
+    slots = sorted({client.keyslot(rb.store.env.lock_key)}
+                   | {client.keyslot(kv_keys(rb, c.chunk_id)[0]) for c in expected.chunks})
+    done, answers, errors = threading.Event(), [], []
+
+    def ask():
+        while not done.is_set():
+            try:
+                answers.append(rb.query(QUESTION, top_k=TOP_K, max_new_tokens=6))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        for slot in slots:
+            source = cluster.owner(slot)
+            target = next(n for n in cluster.primaries() if n.port != source.port)
+            cluster.move_slot(slot, target, keys_per_step=1, pause_s=0.02)
+            assert cluster.owner(slot).port == target.port
+    finally:
+        done.set()
+        asker.join(timeout=300)
+    assert errors == [] and len(answers) >= 2
+    assert {a.text for a in answers} == {expected.text}
+    assert [a.timings["kv_misses"] for a in answers] == [0] * len(answers)  # loaded, never recomputed
+    assert chunk_records(rb) == before and rb.store.check() == []
+    rb.add_documents([{"id": "after-reshard", "text": "The Amazon basin spans nine countries."}])
+    assert "after-reshard" in {h.doc_id for h in rb.search("Which countries does the Amazon basin span?", 3)}
+
+
 def test_the_server_answers_503_with_retry_after_only_while_the_global_slot_is_down(rb, cluster, model_dir, tmp_path):
     """A node holding only KV costs recomputes, not errors; the global slot's node holds the corpus tables
     retrieval reads, so while it is down `ragblend serve` says when to retry."""

@@ -183,6 +183,35 @@ class RedisClusterProcess:
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
 
+    def owner(self, slot: int) -> RedisProcess:
+        """The primary serving `slot`, as the first running node sees the cluster."""
+        for line in self._cli(self.running()[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            for span in fields[8:] if "master" in fields[2] else ():
+                first, _, last = span.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    return self.node(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        raise RuntimeError(f"no primary serves slot {slot}")
+
+    def move_slot(self, slot: int, target: RedisProcess, keys_per_step: int = 1, pause_s: float = 0.0) -> None:
+        """Migrate `slot` to `target` as `redis-cli --cluster reshard` does, `keys_per_step` keys at a time
+        with `pause_s` between steps: meanwhile clients get ASK for keys already moved (TRYAGAIN for a
+        multi-key command over both halves), then MOVED once every node has learnt the new owner."""
+        import redis  # the redis extra: keys are bytes, which redis-cli's text output would not carry
+
+        source = self.owner(slot)
+        if source.port == target.port:
+            return
+        src, dst = (redis.Redis(port=n.port, socket_timeout=10) for n in (source, target))
+        source_id, target_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, keys_per_step):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            time.sleep(pause_s)
+        for node in (target, source, *self.primaries()):  # the owners first, as redis-cli does
+            redis.Redis(port=node.port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
