@@ -35,14 +35,14 @@ from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 FIDELITY_DOCS = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 
 
-def synthetic_set(out: Path, n: int) -> tuple[RagBlend, list[CalibrationQuestion]]:
+def synthetic_set(out: Path, n: int, model: str | None) -> tuple[RagBlend, list[CalibrationQuestion]]:
     records = make_synthetic(2 * n, seed=21)
     questions = [CalibrationQuestion(r["question"], [passage_text(c) for c in r["ctxs"]], r["answers"]) for r in records]
-    return RagBlend(out / "store-synthetic", chunk_tokens=EVAL_CHUNK_TOKENS), questions
+    return RagBlend(out / "store-synthetic", model, chunk_tokens=EVAL_CHUNK_TOKENS), questions
 
 
-def store_set(out: Path, n: int) -> tuple[RagBlend, list[CalibrationQuestion]]:
-    rb = RagBlend(out / "store-chunks", chunk_tokens=256)
+def store_set(out: Path, n: int, model: str | None) -> tuple[RagBlend, list[CalibrationQuestion]]:
+    rb = RagBlend(out / "store-chunks", model, chunk_tokens=256)
     if rb.store.stats().documents == 0:
         worlds = make_synthetic(40, seed=31)
         rb.add_documents([{"id": f"world-{i}", "text": "\n\n".join(passage_text(c) for c in r["ctxs"])}
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--metric", default="identical")
     parser.add_argument("--sets", default="synthetic,store")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--model", help="a local HF model folder (default: the bundled SmolLM2)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -69,26 +70,26 @@ def main() -> None:
         if done.is_file():
             rows.append(json.loads(done.read_text()))
             continue
-        rb, questions = {"synthetic": synthetic_set, "store": store_set}[name](args.out, args.questions)
+        rb, questions = {"synthetic": synthetic_set, "store": store_set}[name](args.out, args.questions, args.model)
         tune, test = questions[: args.questions], questions[args.questions:]
         started = time.perf_counter()
         report = calibrate(rb, tune, config)  # resumable: stored in the store as it goes
         wall = time.perf_counter() - started
         c = report.calibration
         held = measure(rb, test, config, c.selection, c.ratio)
-        row = {"set": name, "calibrate_n": len(tune), "test_n": len(test), "ratio": c.ratio, "met": c.met,
+        row = {"set": name, "model": rb.model.name, "calibrate_n": len(tune), "test_n": len(test), "ratio": c.ratio, "met": c.met,
                "calibration_agreement": c.agreement, "ttft_vs_full": held.ttft_vs_full,
                "test_agreement": held.agreement, "calibrate_wall_s": wall, "table": report.table(),
                "runs": [asdict(r) for r in report.runs]}
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         rb.close()
-    lines = ["| question set | calibrate / test questions | chosen ratio | agreement on calibration half | "
+    lines = ["| model | question set | calibrate / test questions | chosen ratio | agreement on calibration half | "
              "agreement on test half | test - target | TTFT / full at it | calibrate wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         calib = "none met" if not r["met"] else f"{r['calibration_agreement']:.0%}"
-        lines.append(f"| {r['set']} | {r['calibrate_n']} / {r['test_n']} | {r['ratio']:g} | {calib} | "
+        lines.append(f"| {r['model']} | {r['set']} | {r['calibrate_n']} / {r['test_n']} | {r['ratio']:g} | {calib} | "
                      f"{r['test_agreement']:.0%} | {100 * (r['test_agreement'] - args.target):+.0f} points | "
                      f"{r['ttft_vs_full']:.2f} | {r['calibrate_wall_s'] / 60:.1f} min |")
     table = "\n".join(lines)
@@ -98,7 +99,8 @@ def main() -> None:
         command = "python benchmarks/calibrate.py " + " ".join(sys.argv[1:])
         body = (f"Machine: {machine()} (shared with other jobs). Command: `{command}`\n\n"
                 f"Target: {args.metric} >= {args.target:.0%}.\n\n{table}\n\n{ladders}")
-        replace_section(f"calibrate-{args.metric}-{args.target:g}", body, FIDELITY_DOCS)
+        model = Path(args.model).name if args.model else "default"
+        replace_section(f"calibrate-{model}-{args.metric}-{args.target:g}", body, FIDELITY_DOCS)
 
 
 if __name__ == "__main__":

@@ -184,13 +184,13 @@ def test_sessions_continue_on_another_replica(model_dir, embedder, backend, tmp_
         assert [s.turns for s in second.sessions()] == [2]
 
 
-def test_two_serve_replicas_answer_one_session_alternately(smollm_dir, embedder, server, tmp_path):
+def test_two_serve_replicas_answer_one_session_alternately(smollm_dir, embedder, backend, tmp_path):
     """Real SmolLM2 behind two `ragblend serve` processes with empty folders, as behind a load balancer."""
     from ragblend.serve.launch import ServerProcess
 
-    with RagBlend(tmp_path / "ingest", model=smollm_dir, embedder=embedder, kv_backend=server.url) as rb:
+    with RagBlend(tmp_path / "ingest", model=smollm_dir, embedder=embedder, kv_backend=backend.url) as rb:
         rb.add_documents(DOCS)
-    replicas = [ServerProcess(tmp_path / name, "--model", str(smollm_dir), "--kv-backend", server.url)
+    replicas = [ServerProcess(tmp_path / name, "--model", str(smollm_dir), "--kv-backend", backend.url)
                 for name in ("a", "b")]
     try:
         messages, session_id, history = [], None, -1
