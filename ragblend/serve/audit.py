@@ -78,6 +78,7 @@ class Audit:
             raise ValueError("audit window and queue_max must be >= 1")
         self.rb, self.rate, self.busy, self.window = rb, rate, busy, window
         self._pending: deque[Sampled] = deque(maxlen=queue_max)
+        self._auditing = 0  # taken from _pending, not yet counted: "pending" includes it
         self._cond = threading.Condition()
         self._closing = False
         self._credit = 0.0
@@ -96,8 +97,8 @@ class Audit:
                               ["measure"], registry=r)
         self.kl_sum = Counter("ragblend_audit_first_token_kl_sum", "sum of first-token KL(full || blend)",
                               registry=r)
-        Gauge("ragblend_audit_pending", "sampled requests waiting for an idle moment",
-              registry=r).set_function(lambda: len(self._pending))
+        Gauge("ragblend_audit_pending", "sampled requests waiting for an idle moment or being audited",
+              registry=r).set_function(lambda: len(self._pending) + self._auditing)
         window = Gauge("ragblend_audit_window", "rolling window of the last audits: identical and first-token "
                                                 "agreement shares, mean first-token KL, size", ["measure"], registry=r)
         for measure in ("identical", "first_token", "kl_mean", "size"):
@@ -142,26 +143,36 @@ class Audit:
         with self._cond:
             while not self._closing and (not self._pending or self.busy() > 0):
                 self._cond.wait(IDLE_POLL_S if self._pending else None)  # offer() and close() notify
-            return None if self._closing else self._pending.popleft()
+            if self._closing:
+                return None
+            self._auditing = 1
+            return self._pending.popleft()
 
     def _work(self) -> None:
         while (item := self._next_idle()) is not None:
             try:
-                full = self._full_answer(item)
-            except Exception as exc:  # noqa: BLE001 - an audit failure must not stop the audit (or the server)
-                log.warning("audit: full prefill failed: %s", exc)
+                self._audit(item)
+            finally:
                 with self._cond:
-                    self._count("failed")
-                continue
-            if full is None:  # a request arrived: retry at the next idle moment, or give up
-                with self._cond:
-                    item.tries += 1
-                    if item.tries > RETRIES:
-                        self._count("given_up")
-                    else:
-                        self._pending.appendleft(item)
-                continue
-            self._record(compare(item.answer, full))
+                    self._auditing = 0
+
+    def _audit(self, item: Sampled) -> None:
+        try:
+            full = self._full_answer(item)
+        except Exception as exc:  # noqa: BLE001 - an audit failure must not stop the audit (or the server)
+            log.warning("audit: full prefill failed: %s", exc)
+            with self._cond:
+                self._count("failed")
+            return
+        if full is None:  # a request arrived: retry at the next idle moment, or give up
+            with self._cond:
+                item.tries += 1
+                if item.tries > RETRIES:
+                    self._count("given_up")
+                else:
+                    self._pending.appendleft(item)
+            return
+        self._record(compare(item.answer, full))
 
     def _full_answer(self, item: Sampled) -> Answer | None:
         """Full prefill's answer to the same prompt, or None if a request arrived before it finished."""
@@ -230,7 +241,7 @@ class Audit:
                 return count / total if total else None
 
             return {
-                "rate": self.rate, **self.counts, "audited": t.audited, "pending": len(self._pending),
+                "rate": self.rate, **self.counts, "audited": t.audited, "pending": len(self._pending) + self._auditing,
                 "total": {"identical": share(t.identical, t.audited), "first_token": share(t.first_token, t.audited),
                           "kl_mean": share(t.kl_sum, t.audited)},
                 "window": {"size": len(window), "identical": share(sum(c.identical for c in window), len(window)),
