@@ -25,7 +25,7 @@ from ragblend.engine.selection import BlendConfig
 from ragblend.storage.calibration import read_calibration
 from ragblend.storage.ingest import Ingestor, IngestReport
 from ragblend.request import MODES, ORDERS, History, PreparedPrompt, RequestPath
-from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
+from ragblend.storage.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
 from ragblend.sessions import SessionManager
 from ragblend.storage.store import Manifest, Store
 

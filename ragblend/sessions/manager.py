@@ -29,7 +29,7 @@ from ragblend.engine.generate import SamplingConfig, feed
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.request import History, PreparedPrompt, RequestPath
-from ragblend.session_store import SessionInfo, SessionRecord, SessionStore, Turn
+from ragblend.storage.session_store import SessionInfo, SessionRecord, SessionStore, Turn
 
 TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question+answer (and no shared chunk): off-topic
 TOPIC_RECENT_TURNS = 2

@@ -22,7 +22,7 @@ from ragblend.engine.precompute import SpanComputer
 from ragblend.engine.model import LoadedModel, load_model
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.storage.maintenance import collect_garbage
-from ragblend.session_store import SessionStore
+from ragblend.storage.session_store import SessionStore
 from ragblend.storage.store import Store
 
 COMMIT_EVERY_CHUNKS = 64
