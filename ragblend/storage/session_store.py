@@ -12,16 +12,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from index.namespaces import DEFAULT_NAMESPACE, label, unscoped
-from kvchunks.kvstore import KVStore
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import KVStore, entries, family_bytes
 from kvchunks.tiers import RamTier
-from ragblend.storage.store import Store, StoreMismatchError
+from ragblend.storage.manifest import StoreMismatchError
+
+if TYPE_CHECKING:  # the store reports sessions' usage (below), so this module must not import it to run
+    from ragblend.storage.store import Store
 
 DEFAULT_RAM_BYTES = 512 << 20
+FAMILY = "session"  # the KVStore family of turn segments
+RECORDS_DB = b"sessions"
 
 
 class SessionNotFoundError(KeyError):
@@ -87,12 +93,17 @@ class SessionInfo:
     namespace: str = DEFAULT_NAMESPACE
 
 
+def usage(env: lmdb.Environment, txn: lmdb.Transaction) -> tuple[int, int]:
+    """Sessions of every model and the KV bytes of their turns on disk (a store's stats; read-only)."""
+    return entries(env, txn, RECORDS_DB), family_bytes(env, txn, FAMILY)
+
+
 class SessionStore:
     def __init__(self, store: Store, ram_bytes: int = DEFAULT_RAM_BYTES):
         self.env = store.env
         self.fingerprint = store.manifest.kv_fingerprint
-        self.db = self.env.open_db(b"sessions")
-        self.kv = KVStore(self.env, self.fingerprint, family="session")
+        self.db = self.env.open_db(RECORDS_DB)
+        self.kv = KVStore(self.env, self.fingerprint, family=FAMILY)
         self.ram = RamTier(ram_bytes)
 
     @staticmethod
