@@ -183,10 +183,10 @@ class SessionManager:
         with self._guard:
             if system not in self._prefixes:
                 if system is None:
-                    self._prefixes[None] = (self.template, self.requests.ingestor.spans.prefix_kv)
+                    self._prefixes[None] = (self.template, self.requests.chunk_kv.spans.prefix_kv)
                 else:
                     template = PromptTemplate.for_tokenizer(self.model.tokenizer, system)
-                    kv = self.requests.ingestor.spans.compute([list(template.prefix_ids)], behind_prefix=False)[0]
+                    kv = self.requests.chunk_kv.spans.compute([list(template.prefix_ids)], behind_prefix=False)[0]
                     self._prefixes[system] = (template, kv)
             return self._prefixes[system]
 
