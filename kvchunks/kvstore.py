@@ -15,8 +15,8 @@ import lmdb
 import numpy as np
 import torch
 
-from kvchunks.codecs import codec_for
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.codecs import codec_for
 
 
 class CorruptKVError(ValueError):

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import lmdb
 
-from kvchunks.kvstore import KVStore, StoredKV, entries, family_bytes
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import KVStore, StoredKV, entries, family_bytes
 from kvchunks.tiers import RamTier
 
 DEFAULT_PATH_RAM_BYTES = 256 << 20

@@ -115,12 +115,12 @@ def test_a_crash_during_a_save_loses_only_that_turns_kv(model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         from ragblend import RagBlend
-        from ragblend.sessions import SessionManager
+        from ragblend.storage.session_store import SessionStore
         rb = RagBlend({str(store)!r}, model={str(model_dir)!r})
         chat = rb.chat("s1", create=True)
         chat.send("Who built the lighthouse?", contexts={PASSAGES[:2]!r}, mode="full", max_new_tokens=4)
         chat.wait()
-        SessionManager._store_segment = lambda *a: os._exit(3)
+        SessionStore.commit_segment = lambda *a: os._exit(3)
         chat.send("Where did she move?", contexts={PASSAGES[2:]!r}, mode="full", max_new_tokens=4)
         chat.wait()
     """)

@@ -1,9 +1,11 @@
-"""Multi-turn conversations that never re-prefill their history (CachedAttention).
+"""Multi-turn conversations that never re-prefill their history (CachedAttention): the sessions of one
+RagBlend, their lifecycle (open, seed, end, list, TTL sweep) and the lock that lets one turn of a session
+run at a time.
 
 Turn N+1 loads the stored KV of everything the model saw before (prompt prefix, earlier turns' chunks,
-questions and answers) as an exact prefix, places its new chunks after it with their stored KV and fuses
-them with the chosen mode, then the question. The turn's new KV is saved in the background: `send`
-returns while the save runs, and the next `send` of the session waits only if it has not finished.
+questions and answers) as an exact prefix (history.py), places its new chunks after it with their stored
+KV and fuses them with the chosen mode, then the question. What it keeps of the session is policy.py's
+choice; its new KV is saved in the background (saving.py).
 """
 from __future__ import annotations
 
@@ -12,43 +14,21 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
-import torch
-from transformers import DynamicCache
 
 from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
-from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.chunk_kv import ChunkKV
 from ragblend.answer import Answer, AnswerStream
-from ragblend.contexts import ContextChunk
-from ragblend.engine.fusion import Prefill
-from ragblend.engine.generate import SamplingConfig, feed
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.engine.selection import BlendConfig
-from ragblend.request import History, PreparedPrompt, RequestPath
+from ragblend.request import RequestPath
+from ragblend.sessions import policy
+from ragblend.sessions.history import SessionHistory
+from ragblend.sessions.prefixes import Prefixes
+from ragblend.sessions.saving import AnsweredTurn, TurnSaver
+from ragblend.sessions.turn_request import TurnRequest
 from ragblend.storage.session_store import SessionInfo, SessionRecord, SessionStore, Turn
-
-TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question+answer (and no shared chunk): off-topic
-TOPIC_RECENT_TURNS = 2
-TOPIC_MODES = ("keep", "drop")
-SOURCES = ("ram", "disk", "recomputed")  # where a turn's history came from, fastest first
-
-
-@dataclass(frozen=True)
-class TurnRequest:
-    """One `send`, resolved: the question, its contexts and how to fuse and sample them."""
-
-    question: str
-    chunks: list[ContextChunk]
-    mode: str
-    blend: BlendConfig
-    sampling: SamplingConfig
-    load_depth: int = 2
-    retrieve_s: float = 0.0
-    order: str = "retrieval"
 
 
 class SessionBusyError(RuntimeError):
@@ -66,11 +46,11 @@ class SessionManager:
                  embed: Callable[[str], np.ndarray], sweep_every_s: float = 60.0):
         self.store, self.requests, self.template, self.embed = sessions, requests, template, embed
         self.model = requests.model
-        self._prefixes: dict[str | None, tuple[PromptTemplate, ChunkKV]] = {}
+        self.prefixes = Prefixes(template, requests.chunk_kv.spans, self.model.tokenizer)
+        self.history = SessionHistory(sessions, requests, self.prefixes)
+        self.saver = TurnSaver(sessions, requests, embed)
         self._locks: dict[str, threading.Lock] = {}
-        self._pending: dict[str, Future] = {}
         self._guard = threading.Lock()
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragblend-session-save")
         self._closed = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, args=(sweep_every_s,), daemon=True,
                                          name="ragblend-session-ttl")
@@ -104,17 +84,7 @@ class SessionManager:
     def prefetch(self, key: str) -> list[str]:
         """Bring a session's stored turns into the RAM tier ahead of its next turn and protect them from
         eviction until `release`: what a scheduler does for queued requests. The keys protected."""
-        with self.store.env.begin() as txn:
-            record = self.store.read(txn, key)
-        keys = [self.store.segment_key(key, t.segment) for t in record.turns if t.has_kv] if record else []
-        self.store.ram.protect(keys)
-        for segment in keys:
-            if segment not in self.store.ram:
-                try:
-                    self.store.ram.put(segment, self.store.kv.load(segment))
-                except (KeyError, CorruptKVError):  # gone or damaged: the turn itself recomputes it
-                    continue
-        return keys
+        return self.store.warm(key)
 
     def release(self, keys: list[str]) -> None:
         self.store.ram.release(keys)
@@ -153,18 +123,14 @@ class SessionManager:
 
     def wait(self, session_id: str | None = None) -> None:
         """Block until the pending save of one session (or of all) has finished."""
-        with self._guard:
-            futures = [self._pending.get(session_id)] if session_id else list(self._pending.values())
-        for future in futures:
-            if future is not None:
-                future.result()
+        self.saver.wait(session_id)
 
     def close(self) -> None:
         """Finish pending saves and stop background work; nothing acknowledged is lost."""
         if self._closed.is_set():
             return
         self._closed.set()
-        self._saver.shutdown(wait=True)
+        self.saver.close()
         self._sweeper.join(timeout=5)
 
     def _sweep_loop(self, every_s: float) -> None:
@@ -180,15 +146,7 @@ class SessionManager:
 
     def prefix(self, system: str | None) -> tuple[PromptTemplate, ChunkKV]:
         """The prompt template and prefix KV for a system prompt: computed once, shared by every session."""
-        with self._guard:
-            if system not in self._prefixes:
-                if system is None:
-                    self._prefixes[None] = (self.template, self.requests.chunk_kv.spans.prefix_kv)
-                else:
-                    template = PromptTemplate.for_tokenizer(self.model.tokenizer, system)
-                    kv = self.requests.chunk_kv.spans.compute([list(template.prefix_ids)], behind_prefix=False)[0]
-                    self._prefixes[system] = (template, kv)
-            return self._prefixes[system]
+        return self.prefixes.get(system)
 
     # ---- one turn -----------------------------------------------------------------------------
 
@@ -216,168 +174,15 @@ class SessionManager:
         template, _ = self.prefix(record.system)
         start = time.perf_counter()
         embedding = self.embed(turn.question) if on_topic_switch == "drop" else None
-        switched = embedding is not None and self._off_topic(record, turn.chunks, embedding)
-        kept, chunks, suffix = self._plan(template, [] if switched else list(record.turns), turn, max_history_tokens)
-        prepared, history, loaded = self._prefill(record, kept, chunks, suffix, turn, template)
+        switched = embedding is not None and policy.off_topic(record.turns, turn.chunks, embedding)
+        kept, chunks, suffix = policy.plan(template, [] if switched else list(record.turns), turn,
+                                           self.model.max_positions, max_history_tokens)
+        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
+        prepared, history, loaded = self.history.prefill(record, kept, chunks, suffix, turn, reserve)
         prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
                                 history_source=history.source, topic_switch=float(switched),
                                 retrieve_s=turn.retrieve_s)
         prepared.timings["ttft_s"] += loaded - start
-        saved = _TurnSave(self, session_id, prepared, chunks, turn.question, embedding,
-                          {t.segment for t in kept}, template)
-        answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=saved.commit)
+        done = AnsweredTurn(session_id, prepared, chunks, turn.question, embedding, {t.segment for t in kept}, template)
+        answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=self.saver.on_finish(done))
         return AnswerStream(answer, lambda _text: answer.answer, on_close=release) if stream else answer
-
-    def _plan(self, template: PromptTemplate, turns: list[Turn], turn: TurnRequest,
-              max_history_tokens: int | None) -> tuple[list[Turn], list[ContextChunk], list[int]]:
-        """The turns kept in the prompt, the new chunks (those not in them already) and the question suffix."""
-        in_history = {c for t in turns for c in t.chunk_ids}
-        chunks = _unique([c for c in turn.chunks if c.chunk_id not in in_history])
-        suffix = template.suffix_ids(turn.question)
-        new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
-        return self._fit(template, turns, new_tokens, turn.sampling.max_new_tokens, max_history_tokens), chunks, suffix
-
-    def _prefill(self, record: SessionRecord, kept: list[Turn], chunks: list[ContextChunk], suffix: list[int],
-                 turn: TurnRequest, template: PromptTemplate) -> tuple[PreparedPrompt, History, float]:
-        """The turn's prefill over its history; a damaged turn record is recomputed and the prefill retried."""
-        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
-        history = self._history(record, kept)
-        loaded = time.perf_counter()
-        try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
-        except CorruptKVError as error:
-            self._drop_segment(record.id, error.key, kept)
-            history = self._history(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
-        return prepared, history, loaded
-
-    def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
-        """No chunk shared with the recent turns and the question unlike each of their question+answer."""
-        recent = record.turns[-TOPIC_RECENT_TURNS:]
-        if not recent or {c.chunk_id for c in chunks} & {c for t in recent for c in t.chunk_ids}:
-            return False
-        earlier = [np.asarray(t.embedding) for t in recent if t.embedding]
-        return bool(earlier) and max(float(np.dot(embedding, e)) for e in earlier) < TOPIC_SIMILARITY
-
-    def _fit(self, template: PromptTemplate, turns: list[Turn], new_tokens: int, max_new_tokens: int,
-             max_history_tokens: int | None) -> list[Turn]:
-        """Drop the oldest turns (never the prefix) until history + new turn + answer fit the window."""
-        window = self.model.max_positions - new_tokens - max_new_tokens - len(template.joint_ids)
-        budget = min(window, max_history_tokens) if max_history_tokens is not None else window
-        budget -= len(template.prefix_ids)
-        turns = list(turns)
-        while turns and sum(len(t.token_ids) for t in turns) > budget:
-            turns.pop(0)
-        return turns
-
-    def _history(self, record: SessionRecord, turns: list[Turn]) -> History:
-        """Prefix + kept turns, each from RAM, else disk (read layer by layer by the loader), else recomputed;
-        `source` is the slowest of them."""
-        template, prefix_kv = self.prefix(record.system)
-        history = History(template.prefix_ids, [(0, prefix_kv)])
-        for turn in turns:
-            key = self.store.segment_key(record.id, turn.segment)
-            kv, source = self.store.ram.get(key), "ram"
-            if kv is None and turn.has_kv:
-                kv, source = StoredKV(self.store.kv, key), "disk"
-            if kv is None:
-                kv, source = self._recompute(record.id, history, turn), "recomputed"
-            history = History(history.token_ids + tuple(turn.token_ids),
-                              [*history.sources, (len(history.token_ids), kv)],
-                              max(history.source, source, key=SOURCES.index))
-        return history
-
-    def _drop_segment(self, session_id: str, key: str, turns: list[Turn]) -> None:
-        damaged = [t for t in turns if self.store.segment_key(session_id, t.segment) == key]
-        if not damaged:
-            raise CorruptKVError(key, -1)
-        damaged[0].has_kv = False
-        with self.store.env.begin(write=True) as txn:
-            self.store.kv.delete(txn, key)
-            record = self.store.read(txn, session_id)
-            for stored in record.turns:
-                stored.has_kv = stored.has_kv and stored.segment != damaged[0].segment
-            self.store.write(txn, record)
-
-    def _recompute(self, session_id: str, history: History, turn: Turn) -> ChunkKV:
-        """A turn whose save never committed (a crash): prefill its tokens behind the history and store them."""
-        prepared = self.requests.prefill(history, [], turn.token_ids, "full", BlendConfig())
-        kv = self.requests.segment(_layers(prepared.prefill.cache), len(history.token_ids), len(prepared.layout))
-        self._store_segment(session_id, turn, kv)
-        return kv
-
-    def _store_segment(self, session_id: str, turn: Turn, kv: ChunkKV) -> bool:
-        """Commit a turn's segment and mark it saved; False if the session ended meanwhile."""
-        with self.store.env.begin(write=True) as txn:
-            record = self.store.read(txn, session_id)
-            mine = [t for t in record.turns if t.segment == turn.segment] if record else []
-            if not mine:
-                txn.abort()
-                return False
-            self.store.put_segment(txn, session_id, turn, kv)
-            mine[0].has_kv = True
-            self.store.write(txn, record)
-        self.store.ram.put(self.store.segment_key(session_id, turn.segment), kv)
-        return True
-
-
-class _TurnSave:
-    """What a finished turn leaves behind: its record now (small, synchronous), its KV in the background."""
-
-    def __init__(self, manager: SessionManager, session_id: str, prepared: PreparedPrompt,
-                 chunks: list[ContextChunk], question: str, embedding: np.ndarray | None, kept: set[int],
-                 template: PromptTemplate):
-        self.manager, self.session_id, self.prepared = manager, session_id, prepared
-        self.chunks, self.question, self.embedding = chunks, question, embedding
-        self.kept, self.template = kept, template  # segments of the turns this one was answered after
-
-    def commit(self, answer: Answer, prefill: Prefill) -> None:
-        store = self.manager.store
-        history_len = int(answer.timings["history_tokens"])
-        tokens = list(self.prepared.layout.token_ids[history_len:]) + answer.token_ids + list(self.template.joint_ids)
-        with store.env.begin(write=True) as txn:
-            record = store.read(txn, self.session_id)
-            if record is None:  # ended while this turn ran
-                txn.abort()
-                return
-            turn = Turn(record.next_segment, tokens, [c.chunk_id for c in self.chunks], self.question,
-                        self._topic_embedding(answer), answer=answer.text)
-            store.drop_turns(txn, self.session_id, [t for t in record.turns if t.segment not in self.kept])
-            kept = [t for t in record.turns if t.segment in self.kept]
-            record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())
-            store.write(txn, record)
-        future = self.manager._saver.submit(self._save, answer, prefill.cache, history_len, turn)
-        with self.manager._guard:
-            self.manager._pending[self.session_id] = future
-
-    def _topic_embedding(self, answer: Answer) -> list[float]:
-        """What later questions are compared with: this turn's question and answer together (a follow-up
-        often names what the answer said, not what the question did)."""
-        if self.embedding is None:
-            return []
-        return self.manager.embed(f"{self.question}\n{answer.text}").tolist()
-
-    def _save(self, answer: Answer, cache: DynamicCache, start: int, turn: Turn) -> None:
-        began = time.perf_counter()
-        try:
-            cached = cache.get_seq_length()
-            tail = turn.token_ids[cached - start:]  # the last answer token and the joint were never fed
-            if tail:
-                feed(self.manager.model, cache, tail, cached)
-            kv = self.manager.requests.segment(_layers(cache), start, start + len(turn.token_ids))
-            self.manager._store_segment(self.session_id, turn, kv)
-        except Exception as exc:  # noqa: BLE001 - the turn stays unsaved and is recomputed when next needed
-            warnings.warn(f"ragblend: saving a turn of session {label(*unscoped(self.session_id))} failed ({exc}); "
-                          "it will be recomputed on the next turn", stacklevel=1)
-        answer.timings["save_s"] = time.perf_counter() - began
-
-
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _unique(chunks: list[ContextChunk]) -> list[ContextChunk]:
-    seen: set[str] = set()
-    return [c for c in chunks if not (c.chunk_id in seen or seen.add(c.chunk_id))]

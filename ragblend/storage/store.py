@@ -20,7 +20,8 @@ from index.vector_index import IdFilter, VectorIndex
 from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
 from kvchunks.kvstore import KVStore
-from kvchunks.paths import PathTree, usage as path_usage
+from kvchunks.paths import PathTree
+from kvchunks.paths import usage as path_usage
 from ragblend.storage.calibration import Calibration, read_calibration
 from ragblend.storage.manifest import FORMAT_VERSION, Manifest, StoreMismatchError
 from ragblend.storage.session_store import usage as session_usage
