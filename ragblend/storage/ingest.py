@@ -69,13 +69,13 @@ class _Run:
 
 
 class Ingestor:
-    def __init__(self, kv: KVSupply, template: PromptTemplate, embedder: Embedder, chunk_tokens: int):
-        self.kv, self.store, self.template, self.embedder = kv, kv.store, template, embedder
+    def __init__(self, chunk_kv: KVSupply, template: PromptTemplate, embedder: Embedder, chunk_tokens: int):
+        self.chunk_kv, self.store, self.template, self.embedder = chunk_kv, chunk_kv.store, template, embedder
         self.chunk_tokens = chunk_tokens
         self._run = _Run(compute=self._compute_here)
 
     def _compute_here(self, chunk_ids: list[str], token_lists: list[list[int]]) -> list[ChunkKV]:
-        return self.kv.compute(token_lists)
+        return self.chunk_kv.compute(token_lists)
 
     # ---- planning -------------------------------------------------------------------------------
 
