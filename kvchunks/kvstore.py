@@ -15,8 +15,8 @@ import lmdb
 import numpy as np
 import torch
 
-from kvchunks.codecs import codec_for
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.codecs import codec_for
 
 
 class CorruptKVError(ValueError):
@@ -214,3 +214,22 @@ class KVStore:
             if raw is None or len(raw) != meta.layer_bytes or zlib.crc32(raw) != expected:
                 problems.append(f"chunk {chunk_id}: layer {layer} record missing or corrupt")
         return problems
+
+
+def family_bytes(env: lmdb.Environment, txn: lmdb.Transaction, family: str) -> int:
+    """Payload bytes of every record of a family under any fingerprint, from its metadata (a store's stats,
+    read-only: nothing is created); 0 if the family was never written."""
+    try:
+        db = env.open_db(f"{family}meta".encode(), txn=txn, create=False)
+    except lmdb.Error:
+        return 0
+    with txn.cursor(db=db) as cursor:
+        return sum(KVMeta(**json.loads(bytes(raw))).payload_bytes for raw in cursor.iternext(keys=False))
+
+
+def entries(env: lmdb.Environment, txn: lmdb.Transaction, name: bytes) -> int:
+    """Entries of a named database, 0 if it was never created (read-only: nothing is created)."""
+    try:
+        return txn.stat(env.open_db(name, txn=txn, create=False))["entries"]
+    except lmdb.Error:
+        return 0

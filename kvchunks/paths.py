@@ -24,11 +24,14 @@ from dataclasses import asdict, dataclass
 
 import lmdb
 
-from kvchunks.kvstore import KVStore, StoredKV
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import KVStore, StoredKV, entries, family_bytes
 from kvchunks.tiers import RamTier
 
 DEFAULT_PATH_RAM_BYTES = 256 << 20
+FAMILY = "path"  # the KVStore family of node records
+NODES_DB = b"pathnodes"
+
 # A token's recompute cost grows with the positions it attends to: per token, linear layers plus attention
 # over `start` earlier tokens. At 6.1k tokens SmolLM2's attention is ~70% of a full layer's time
 # (docs/benchmarks.md), i.e. attention equals the linear layers' cost at ~1.3k positions of context.
@@ -79,11 +82,16 @@ class PathNode:
         return (self.hits + 1) * recompute_cost(self.tokens, self.start) / max(self.bytes, 1)
 
 
+def usage(env: lmdb.Environment, txn: lmdb.Transaction) -> tuple[int, int]:
+    """Nodes of every fingerprint and their KV bytes (a store's stats; read-only)."""
+    return entries(env, txn, NODES_DB), family_bytes(env, txn, FAMILY)
+
+
 class PathTree:
     def __init__(self, env: lmdb.Environment, fingerprint: str, dtype: str, ram_bytes: int = DEFAULT_PATH_RAM_BYTES):
         self.env, self.fingerprint = env, fingerprint
-        self.kv = KVStore(env, fingerprint, family="path", dtype=dtype)
-        self.nodes_db = env.open_db(b"pathnodes")
+        self.kv = KVStore(env, fingerprint, family=FAMILY, dtype=dtype)
+        self.nodes_db = env.open_db(NODES_DB)
         self.through_db = env.open_db(b"pathchunks")  # "chunk id/node key": which nodes pass through a chunk
         self.ram = RamTier(ram_bytes)
         self._uses: dict[str, float] = {}  # node key -> last use, written at the next flush

@@ -7,7 +7,7 @@ from ragblend.api import RagBlend, SearchHit
 from ragblend.chat import Chat
 from ragblend.storage.documents import Document, DocumentError
 from ragblend.engine.selection import BlendConfig
-from ragblend.session_store import SessionInfo, SessionNotFoundError
+from ragblend.storage.session_store import SessionInfo, SessionNotFoundError
 from ragblend.storage.store import StoreMismatchError
 
 __all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "SearchHit", "SessionInfo",

@@ -24,8 +24,9 @@ from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.calibration import read_calibration
 from ragblend.storage.ingest import Ingestor, IngestReport
+from ragblend.storage.kv_supply import KVSupply
 from ragblend.request import MODES, ORDERS, History, PreparedPrompt, RequestPath
-from ragblend.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
+from ragblend.storage.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
 from ragblend.sessions import SessionManager
 from ragblend.storage.store import Manifest, Store
 
@@ -94,11 +95,12 @@ class RagBlend:
             index_kind=index_kind or (existing.index_kind if existing else "flat"),
             kv_dtype=kv_dtype or (existing.kv_dtype if existing else "float16"),
         ))
-        self.ingestor = Ingestor(self.store, self.model, self.template, self.embedder, chunk_tokens)
+        self.chunk_kv = KVSupply(self.store, self.model, self.template.prefix_ids)
+        self.ingestor = Ingestor(self.chunk_kv, self.template, self.embedder, chunk_tokens)
         self.store.budget.policy = kv_policy
         if kv_max_bytes is not None:
             self.store.set_kv_max_bytes(kv_max_bytes)
-        self.requests = RequestPath(self.model, self.store, self.ingestor, exact_paths)
+        self.requests = RequestPath(self.model, self.store, self.chunk_kv, exact_paths)
         self.ingestor.expire()
         self._session_ram_bytes = session_ram_bytes
         self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
@@ -127,7 +129,7 @@ class RagBlend:
         manifest = self.store.manifest
         transfer = "float16" if manifest.kv_dtype == "float16" else "float32"
         return RayKVCompute(model, self.template.prefix_ids, self.model.fingerprint, workers=workers, address=address,
-                            max_batch_tokens=self.ingestor.spans.max_batch_tokens, transfer_dtype=transfer,
+                            max_batch_tokens=self.chunk_kv.spans.max_batch_tokens, transfer_dtype=transfer,
                             backend=self.store.backend, kv_fingerprint=manifest.kv_fingerprint,
                             kv_dtype=manifest.kv_dtype)
 
@@ -143,7 +145,7 @@ class RagBlend:
         """Keep these documents' KV present and never evict it (KV evicted earlier is recomputed now);
         PinnedOverBudgetError, and nothing pinned, if pinned KV would exceed the budget."""
         ids = list(doc_ids)
-        self.requests.ensure_kv(self._document_chunks(ids, namespace))
+        self.chunk_kv.ensure(self._document_chunks(ids, namespace))
         self.store.set_pinned(ids, True, namespace)
 
     def unpin(self, doc_ids: Iterable[str], namespace: str = DEFAULT_NAMESPACE) -> None:
@@ -265,7 +267,7 @@ class RagBlend:
         start = time.perf_counter()
         chunks = self._contexts(question, contexts, top_k, namespace)
         retrieved = time.perf_counter()
-        history = History(self.template.prefix_ids, [(0, self.ingestor.spans.prefix_kv)])
+        history = History(self.template.prefix_ids, [(0, self.chunk_kv.spans.prefix_kv)])
         prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
                                          load_depth, reserve_tokens, order)
         prepared.timings["retrieve_s"] = retrieved - start

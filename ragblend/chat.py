@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ragblend.answer import Answer, AnswerStream
 from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.selection import BlendConfig
-from ragblend.session_store import SessionRecord
+from ragblend.storage.session_store import SessionRecord
 from ragblend.sessions import TOPIC_MODES, SessionManager, TurnRequest
 
 if TYPE_CHECKING:

@@ -80,7 +80,7 @@ def _sessions(args: argparse.Namespace) -> None:
     import time
 
     from index.namespaces import label, scoped, unscoped
-    from ragblend.session_store import SessionStore
+    from ragblend.storage.session_store import SessionStore
 
     sessions = SessionStore(_existing_store(args))
     if args.action == "end":

@@ -22,10 +22,9 @@ import torch
 from transformers import DynamicCache
 
 from kvchunks.backends import BackendUnavailableError
+from kvchunks.chunk_kv import ChunkKV, cache_layers
 from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.paths import path_key
-from kvchunks.chunk_kv import ChunkKV
-from kvchunks.rope import unrotate
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
 from ragblend.engine.batcher import Batcher
@@ -35,12 +34,11 @@ from ragblend.engine.layout import PromptLayout
 from ragblend.engine.loader import KVSource, LayerLoader
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.selection import BlendConfig
-from ragblend.storage.ingest import Ingestor
+from ragblend.storage.kv_supply import KVSupply
 from ragblend.storage.store import Store
 
 MODES = ("blend", "reuse", "prefix", "full")
 ORDERS = ("retrieval", "cache")  # chunks as retrieved, or the longest stored exact path first
-FLUSH_USES = 256  # chunk uses noted in memory before they are written (one transaction for all of them)
 
 
 @dataclass
@@ -79,8 +77,8 @@ class Plan:
 
 
 class RequestPath:
-    def __init__(self, model: LoadedModel, store: Store, ingestor: Ingestor, exact_paths: bool = True):
-        self.model, self.store, self.ingestor = model, store, ingestor
+    def __init__(self, model: LoadedModel, store: Store, chunk_kv: KVSupply, exact_paths: bool = True):
+        self.model, self.store, self.chunk_kv = model, store, chunk_kv
         self.exact_paths = exact_paths
         self.engine = FusionEngine(model)
         self.batcher = Batcher(model)
@@ -111,14 +109,14 @@ class RequestPath:
         with self.batcher.prefill():  # between decode steps of other requests, see Batcher
             waited = prepared = time.perf_counter()
             try:
-                misses = self.ensure_kv(plan.loaded)
+                misses = self.chunk_kv.ensure(plan.loaded)
                 prepared = time.perf_counter()
                 prefill, repaired = self._run_stored(plan, mode, blend, load_depth)
                 misses += repaired
             except BackendUnavailableError:  # the shared backend went away: compute what it could not give
                 plan = self._plan(history, chunks, suffix_ids, mode, tree=False)
                 misses = len(plan.loaded)
-                computed = dict(zip([c.chunk_id for c in plan.loaded], self._compute_as_stored(plan.loaded)))
+                computed = dict(zip([c.chunk_id for c in plan.loaded], self.chunk_kv.as_stored(plan.loaded)))
                 prefill = self._run_engine(plan, mode, blend, load_depth, computed)
             prefill.timings["fuse_s"] = time.perf_counter() - prepared
         exact_tokens = sum(len(c.token_ids) for c in chunks[: plan.exact])
@@ -135,7 +133,7 @@ class RequestPath:
         """Paths are computed behind the store's own prompt prefix: not behind a session's earlier turns or
         another system prompt."""
         return (self.exact_paths and self.store.paths is not None
-                and history.token_ids == tuple(self.ingestor.spans.prefix_ids))
+                and history.token_ids == tuple(self.chunk_kv.spans.prefix_ids))
 
     def _cache_order(self, chunks: list[ContextChunk]) -> list[ContextChunk]:
         by_id = {c.chunk_id: c for c in chunks}
@@ -193,34 +191,8 @@ class RequestPath:
         except CorruptKVError as error:  # a damaged chunk record: drop it, recompute it, answer anyway
             if error.key not in {c.chunk_id for c in plan.loaded}:
                 raise  # a session turn's record: the session layer owns it
-            with self.store.env.begin(write=True) as txn:
-                self.store.kv.delete(txn, error.key)
-            repaired = self.ensure_kv(plan.loaded)
+            repaired = self.chunk_kv.repair(error.key, plan.loaded)
             return self._run_engine(plan, mode, blend, depth), repaired
-
-    def _compute_as_stored(self, chunks: list[ContextChunk]) -> list[ChunkKV]:
-        """Chunks' KV computed here, rounded as the store's codec would round it: the answer is the one a
-        load would have given."""
-        kvs = self.ingestor.spans.compute([list(c.token_ids) for c in chunks]) if chunks else []
-        return [self.store.kv.as_stored(kv) for kv in kvs]
-
-    def ensure_kv(self, chunks: list[ContextChunk]) -> int:
-        """Compute and store the KV of chunks the store lacks (never stored, or evicted), so the next
-        request reuses it; the number computed. Then keep the store within its budget, sparing these."""
-        with self.store.env.begin() as txn:
-            missing = {c.chunk_id: c for c in chunks if not self.store.kv.contains(txn, c.chunk_id)}
-        budget = self.store.budget
-        budget.used([c.chunk_id for c in chunks if c.chunk_id not in missing], missing)
-        if not missing:
-            if budget.pending >= FLUSH_USES:
-                self.store.enforce_budget()
-            return 0
-        kvs = self.ingestor.spans.compute([list(c.token_ids) for c in missing.values()])
-        with self.store.env.begin(write=True) as txn:
-            for chunk_id, kv in zip(missing, kvs):
-                self.store.kv.put(txn, chunk_id, kv)
-            self.store.enforce_budget({c.chunk_id for c in chunks}, txn)
-        return len(missing)
 
     def _run_engine(self, plan: Plan, mode: str, blend: BlendConfig, depth: int,
                     computed: dict[str, ChunkKV] | None = None) -> Prefill:
@@ -253,8 +225,8 @@ class RequestPath:
         todo = [(j, spans[j - plan.exact]) for j in range(max(plan.exact, 1), len(chunks))]
         if not todo:
             return
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self._path_save = self._path_saver.submit(self._store_paths, [c.chunk_id for c in chunks], todo, layers)
+        self._path_save = self._path_saver.submit(self._store_paths, [c.chunk_id for c in chunks], todo,
+                                                  cache_layers(cache))
 
     def _store_paths(self, chunk_ids: list[str], todo: list, layers: list) -> None:
         tree = self.store.paths
@@ -289,10 +261,7 @@ class RequestPath:
 
     @torch.inference_mode()
     def segment(self, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> ChunkKV:
-        """Rows [start, end) of per-layer cache tensors as a stored span: keys back to pre-RoPE, fp16 on the
-        CPU (sessions' turns and the tree's nodes alike)."""
+        """Rows [start, end) of per-layer cache tensors as a stored span (ChunkKV.from_rows at this model's
+        angles): sessions' turns and the tree's nodes alike."""
         cos, sin = self.engine.rotary(end)
-        cos, sin = cos[:, start:end], sin[:, start:end]
-        keys = torch.stack([unrotate(k[0, :, start:end], cos, sin) for k, _ in layers])
-        values = torch.stack([v[0, :, start:end] for _, v in layers])
-        return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))
+        return ChunkKV.from_rows(layers, start, end, cos[:, start:end], sin[:, start:end])

@@ -122,7 +122,7 @@ def test_keys_are_stored_before_rope(ingested):
 
 def test_compute_kv_before_storage_matches_the_model_cache_to_float32_precision(ingested):
     m = ingested.model
-    prefix = ingested.rb.ingestor.spans.prefix_kv
+    prefix = ingested.rb.chunk_kv.spans.prefix_kv
     for chunk in ingested.chunks:
         [kv] = compute_kv(m.decoder, [chunk.token_ids], prefix, m.head_dim)
         assert kv.keys.dtype == torch.float32
@@ -134,7 +134,7 @@ def test_compute_kv_before_storage_matches_the_model_cache_to_float32_precision(
 
 def test_prefix_kv_matches_the_model_cache_of_the_prefix(ingested):
     m = ingested.model
-    prefix = ingested.rb.ingestor.spans.prefix_kv
+    prefix = ingested.rb.chunk_kv.spans.prefix_kv
     assert prefix.num_tokens == ingested.P
     cache = ingested.reference_cache(ingested.chunks[0])
     for layer in range(m.num_layers):
@@ -144,7 +144,7 @@ def test_prefix_kv_matches_the_model_cache_of_the_prefix(ingested):
 
 def test_batched_precompute_with_padding_equals_one_chunk_at_a_time(ingested):
     m = ingested.model
-    prefix = ingested.rb.ingestor.spans.prefix_kv
+    prefix = ingested.rb.chunk_kv.spans.prefix_kv
     token_lists = [c.token_ids for c in ingested.chunks]
     assert len({len(t) for t in token_lists}) > 1, "chunks of different lengths exercise the padding"
     batched = compute_kv(m.decoder, token_lists, prefix, m.head_dim)

@@ -7,6 +7,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ from kvchunks.rope import apply_rope, unrotate
 from kvchunks.tiers import RamTier
 from conftest import make_tiny_model_dir
 from ragblend import RagBlend, SessionNotFoundError
-from ragblend.sessions import SessionBusyError
+from ragblend.contexts import ContextChunk
+from ragblend.sessions import SessionBusyError, policy
+from ragblend.storage.session_store import Turn
 
 PASSAGES = [
     "The lighthouse of Varn was built in 1821 by the engineer Oda Pell. It stands on a granite cliff.",
@@ -115,12 +118,12 @@ def test_a_crash_during_a_save_loses_only_that_turns_kv(model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         from ragblend import RagBlend
-        from ragblend.sessions import SessionManager
+        from ragblend.storage.session_store import SessionStore
         rb = RagBlend({str(store)!r}, model={str(model_dir)!r})
         chat = rb.chat("s1", create=True)
         chat.send("Who built the lighthouse?", contexts={PASSAGES[:2]!r}, mode="full", max_new_tokens=4)
         chat.wait()
-        SessionManager._store_segment = lambda *a: os._exit(3)
+        SessionStore.commit_segment = lambda *a: os._exit(3)
         chat.send("Where did she move?", contexts={PASSAGES[2:]!r}, mode="full", max_new_tokens=4)
         chat.wait()
     """)
@@ -144,6 +147,23 @@ def test_overflow_drops_the_oldest_turns_and_keeps_the_rest_without_recompute(rb
     assert len(turns) < 3 and turns[-1].question == "What is Kessel known for?"
     assert answer.timings["history_source"] == "ram"  # the kept turns were re-positioned, not recomputed
     assert chat.history_tokens <= len(rb.template.prefix_ids) + 60 + len(turns[-1].token_ids)
+
+
+def test_truncation_drops_the_oldest_turns_until_the_rest_fit():
+    turns = [Turn(i, [0] * tokens, [], f"q{i}") for i, tokens in enumerate([30, 20, 10])]
+    assert [t.segment for t in policy.fit(turns, 30)] == [1, 2]
+    assert [t.segment for t in policy.fit(turns, 60)] == [0, 1, 2]
+    assert policy.fit(turns, 5) == []
+
+
+def test_a_question_is_off_topic_only_when_unlike_the_recent_turns_and_sharing_no_chunk():
+    recent = [Turn(0, [1], ["c1"], "q", embedding=[1.0, 0.0])]
+    unlike, alike = np.array([0.0, 1.0]), np.array([1.0, 0.0])
+    other, shared = [ContextChunk("c2", (1,), "x")], [ContextChunk("c1", (1,), "x")]
+    assert policy.off_topic(recent, other, unlike)
+    assert not policy.off_topic(recent, other, alike)
+    assert not policy.off_topic(recent, shared, unlike)
+    assert not policy.off_topic([], other, unlike)
 
 
 def test_stored_turn_keys_are_position_free():

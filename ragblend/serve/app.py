@@ -47,7 +47,7 @@ from ragblend.serve.schemas import (
     Limits,
     SearchRequest,
 )
-from ragblend.session_store import SessionNotFoundError
+from ragblend.storage.session_store import SessionNotFoundError
 from ragblend.sessions import SessionBusyError
 from ragblend.storage.documents import SUPPORTED_SUFFIXES, DocumentError, coerce_document, read_documents
 from ragblend.storage.store import StoreMismatchError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ragblend.serve.schemas import Message
-from ragblend.session_store import SessionRecord
+from ragblend.storage.session_store import SessionRecord
 
 
 class HistoryConflict(ValueError):

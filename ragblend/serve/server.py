@@ -14,7 +14,7 @@ import uvicorn
 
 from ragblend.api import RagBlend
 from ragblend.serve.app import ServeConfig, create_app
-from ragblend.session_store import DEFAULT_RAM_BYTES
+from ragblend.storage.session_store import DEFAULT_RAM_BYTES
 
 API_KEY_ENV = "RAGBLEND_API_KEY"
 

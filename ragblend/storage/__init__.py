@@ -1,1 +1,2 @@
-"""The store folder's lifecycle: documents in, KV and vectors kept, budgeted, expired, collected, re-indexed."""
+"""The store and everything that writes it: documents in, chunk KV kept present and budgeted, conversations'
+records, expiry, collection and re-indexing. Below the request path; may run the engine to compute KV."""

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from kvchunks.backends import open_env
-from kvchunks.kvstore import KVStore
 from kvchunks.chunk_kv import ChunkKV
-from ragblend.engine.precompute import SpanComputer, batches_by_length
+from kvchunks.kvstore import KVStore
 from ragblend.engine.model import load_model
+from ragblend.engine.precompute import SpanComputer, batches_by_length
 
 try:
     import ray

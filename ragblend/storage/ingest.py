@@ -18,13 +18,11 @@ from index.embedder import Embedder
 from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
 from kvchunks.backends import StoreFullError
 from kvchunks.backends.lmdb_env import MAX_STORE_BYTES_ENV
-from kvchunks.chunking import Chunk, chunk_id, split_document
 from kvchunks.chunk_kv import ChunkKV
-from ragblend.engine.precompute import SpanComputer
-from ragblend.storage.documents import Document
-from ragblend.engine.model import LoadedModel
+from kvchunks.chunking import Chunk, chunk_id, split_document
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.storage.store import Store
+from ragblend.storage.documents import Document
+from ragblend.storage.kv_supply import KVSupply
 
 COMMIT_EVERY_CHUNKS = 64
 
@@ -71,15 +69,13 @@ class _Run:
 
 
 class Ingestor:
-    def __init__(self, store: Store, model: LoadedModel, template: PromptTemplate, embedder: Embedder,
-                 chunk_tokens: int, max_batch_tokens: int = 4096):
-        self.store, self.model, self.template, self.embedder = store, model, template, embedder
+    def __init__(self, chunk_kv: KVSupply, template: PromptTemplate, embedder: Embedder, chunk_tokens: int):
+        self.chunk_kv, self.store, self.template, self.embedder = chunk_kv, chunk_kv.store, template, embedder
         self.chunk_tokens = chunk_tokens
-        self.spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids, max_batch_tokens)
         self._run = _Run(compute=self._compute_here)
 
     def _compute_here(self, chunk_ids: list[str], token_lists: list[list[int]]) -> list[ChunkKV]:
-        return self.spans.compute(token_lists)
+        return self.chunk_kv.compute(token_lists)
 
     # ---- planning -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from index.namespaces import label
-from ragblend.session_store import SessionStore
+from ragblend.storage.session_store import SessionStore
 from ragblend.storage.store import Store
 
 

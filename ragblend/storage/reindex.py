@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from kvchunks.chunking import validate_chunk_tokens
 from kvchunks.kvstore import KVStore
-from ragblend.engine.precompute import SpanComputer
 from ragblend.engine.model import LoadedModel, load_model
+from ragblend.engine.precompute import SpanComputer
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.storage.maintenance import collect_garbage
-from ragblend.session_store import SessionStore
+from ragblend.storage.session_store import SessionStore
 from ragblend.storage.store import Store
 
 COMMIT_EVERY_CHUNKS = 64

@@ -19,30 +19,12 @@ from index.namespaces import DEFAULT_NAMESPACE, label
 from index.vector_index import IdFilter, VectorIndex
 from kvchunks.backends import open_env, release_env
 from kvchunks.budget import KVBudget
-from kvchunks.kvstore import KVMeta, KVStore
+from kvchunks.kvstore import KVStore
 from kvchunks.paths import PathTree
+from kvchunks.paths import usage as path_usage
 from ragblend.storage.calibration import Calibration, read_calibration
-
-FORMAT_VERSION = 1
-
-
-class StoreMismatchError(ValueError):
-    """The store was built with another model, prompt, embedder or chunk size than the one asked for."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a store's contents depend on; fixed when the first document is ingested."""
-
-    kv_fingerprint: str
-    model: str
-    embedder_fingerprint: str
-    embedder: str
-    embedding_dim: int
-    chunk_tokens: int
-    index_kind: str
-    format_version: int = FORMAT_VERSION
-    kv_dtype: str = "float16"  # how chunk KV records are encoded (kvchunks.codecs)
+from ragblend.storage.manifest import FORMAT_VERSION, Manifest, StoreMismatchError
+from ragblend.storage.session_store import usage as session_usage
 
 
 @dataclass(frozen=True)
@@ -304,8 +286,8 @@ class Store:
                     pinned_bytes += meta.payload_bytes if record.chunk_id in pinned else 0
                     tokens += meta.tokens
             budget = {"kv_max_bytes": self.budget.max_bytes(txn), **self.budget.counters(txn)} if self.budget else {}
-            sessions, session_bytes = self._count(txn, b"sessions"), self._session_bytes(txn)
-            paths, path_bytes = self._count(txn, b"pathnodes"), self._kv_bytes(txn, b"path")
+            sessions, session_bytes = session_usage(self.env, txn)
+            paths, path_bytes = path_usage(self.env, txn)
         disk = self.env.size_bytes()
         referenced = sum(1 for r in records if r.refs)
         return StoreStats(documents, referenced, tokens, kv_bytes, disk, len(records) - referenced, self.manifest,
@@ -316,26 +298,6 @@ class Store:
     def _calibration(self) -> dict | None:
         found = read_calibration(self, self.manifest.kv_fingerprint) if self.manifest else None
         return asdict(found) if found else None
-
-    def _session_bytes(self, txn: lmdb.Transaction) -> int:
-        """KV bytes of every conversation turn on disk (the session records' metadata)."""
-        return self._kv_bytes(txn, b"session")
-
-    def _kv_bytes(self, txn: lmdb.Transaction, family: bytes) -> int:
-        """KV bytes of every record of a family (`session`, `path`) from its metadata; 0 if never written."""
-        try:
-            db = self.env.open_db(family + b"meta", txn=txn, create=False)
-        except lmdb.Error:
-            return 0
-        with txn.cursor(db=db) as cursor:
-            return sum(KVMeta(**json.loads(bytes(raw))).payload_bytes for raw in cursor.iternext(keys=False))
-
-    def _count(self, txn: lmdb.Transaction, name: bytes) -> int:
-        """Entries of a named database, 0 if it was never created."""
-        try:
-            return txn.stat(self.env.open_db(name, txn=txn, create=False))["entries"]
-        except lmdb.Error:
-            return 0
 
     # ---- the KV budget --------------------------------------------------------------------------
 

@@ -12,16 +12,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from index.namespaces import DEFAULT_NAMESPACE, label, unscoped
-from kvchunks.kvstore import KVStore
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import CorruptKVError, KVStore, entries, family_bytes
 from kvchunks.tiers import RamTier
-from ragblend.storage.store import Store, StoreMismatchError
+from ragblend.storage.manifest import StoreMismatchError
+
+if TYPE_CHECKING:  # the store reports sessions' usage (below), so this module must not import it to run
+    from ragblend.storage.store import Store
 
 DEFAULT_RAM_BYTES = 512 << 20
+FAMILY = "session"  # the KVStore family of turn segments
+RECORDS_DB = b"sessions"
 
 
 class SessionNotFoundError(KeyError):
@@ -87,12 +93,17 @@ class SessionInfo:
     namespace: str = DEFAULT_NAMESPACE
 
 
+def usage(env: lmdb.Environment, txn: lmdb.Transaction) -> tuple[int, int]:
+    """Sessions of every model and the KV bytes of their turns on disk (a store's stats; read-only)."""
+    return entries(env, txn, RECORDS_DB), family_bytes(env, txn, FAMILY)
+
+
 class SessionStore:
     def __init__(self, store: Store, ram_bytes: int = DEFAULT_RAM_BYTES):
         self.env = store.env
         self.fingerprint = store.manifest.kv_fingerprint
-        self.db = self.env.open_db(b"sessions")
-        self.kv = KVStore(self.env, self.fingerprint, family="session")
+        self.db = self.env.open_db(RECORDS_DB)
+        self.kv = KVStore(self.env, self.fingerprint, family=FAMILY)
         self.ram = RamTier(ram_bytes)
 
     @staticmethod
@@ -120,6 +131,50 @@ class SessionStore:
 
     def put_segment(self, txn: lmdb.Transaction, session_id: str, turn: Turn, kv: ChunkKV) -> None:
         self.kv.put(txn, self.segment_key(session_id, turn.segment), kv)
+
+    def commit_segment(self, session_id: str, turn: Turn, kv: ChunkKV) -> bool:
+        """Commit a turn's segment, mark the turn saved and keep it in RAM; False if the session (or the
+        turn) is gone meanwhile."""
+        with self.env.begin(write=True) as txn:
+            record = self.read(txn, session_id)
+            mine = [t for t in record.turns if t.segment == turn.segment] if record else []
+            if not mine:
+                txn.abort()
+                return False
+            self.put_segment(txn, session_id, turn, kv)
+            mine[0].has_kv = True
+            self.write(txn, record)
+        self.ram.put(self.segment_key(session_id, turn.segment), kv)
+        return True
+
+    def forget_segment(self, session_id: str, key: str, turns: list[Turn]) -> None:
+        """A damaged segment (`key` failed its check): delete it and mark its turn, in the record and in
+        `turns`, as unsaved, so the turn is recomputed rather than served."""
+        damaged = [t for t in turns if self.segment_key(session_id, t.segment) == key]
+        if not damaged:
+            raise CorruptKVError(key, -1)
+        damaged[0].has_kv = False
+        with self.env.begin(write=True) as txn:
+            self.kv.delete(txn, key)
+            record = self.read(txn, session_id)
+            for stored in record.turns:
+                stored.has_kv = stored.has_kv and stored.segment != damaged[0].segment
+            self.write(txn, record)
+
+    def warm(self, session_id: str) -> list[str]:
+        """Bring a session's saved segments into the RAM tier and protect them from eviction until
+        `ram.release`; the keys protected. A segment gone or damaged is left for its turn to recompute."""
+        with self.env.begin() as txn:
+            record = self.read(txn, session_id)
+        keys = [self.segment_key(session_id, t.segment) for t in record.turns if t.has_kv] if record else []
+        self.ram.protect(keys)
+        for key in keys:
+            if key not in self.ram:
+                try:
+                    self.ram.put(key, self.kv.load(key))
+                except (KeyError, CorruptKVError):
+                    continue
+        return keys
 
     def drop_turns(self, txn: lmdb.Transaction, session_id: str, turns: list[Turn]) -> None:
         for turn in turns:
