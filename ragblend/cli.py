@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from ragblend.query import MODES, ORDERS
 from ragblend.storage.documents import DocumentError
 
 EVAL_CHUNK_TOKENS = 2048  # large enough that each evaluation passage stays one chunk
@@ -51,10 +52,12 @@ def _stats(args: argparse.Namespace) -> None:
 
 def _query(args: argparse.Namespace) -> None:
     from ragblend.api import RagBlend
+    from ragblend.query import Request
 
-    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
-    result = rb.query(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio, order=args.order,
+    request = Request(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio, order=args.order,
                       max_new_tokens=args.max_new_tokens, stream=args.stream, namespace=args.namespace)
+    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
+    result = rb.answer(request)
     if args.stream:
         for piece in result:
             print(piece, end="", flush=True)
@@ -275,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_option(query)
     query.add_argument("--model", help="must be the model the store was built with (default: bundled SmolLM2)")
     query.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
-    query.add_argument("--mode", choices=["blend", "reuse", "prefix", "full"], default="blend")
-    query.add_argument("--order", choices=["retrieval", "cache"], default="retrieval",
+    query.add_argument("--mode", choices=MODES, default="blend")
+    query.add_argument("--order", choices=ORDERS, default="retrieval",
                        help="chunk order: as retrieved, or the longest stored exact path first")
     query.add_argument("--top-k", type=int, default=4)
     query.add_argument("--ratio", type=_ratio, default=None,

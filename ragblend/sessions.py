@@ -13,7 +13,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,10 +24,10 @@ from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.chunk_kv import ChunkKV
 from ragblend.answer import Answer, AnswerStream
 from ragblend.contexts import ContextChunk
-from ragblend.engine.fusion import Prefill
-from ragblend.engine.generate import SamplingConfig, feed
+from ragblend.engine.generate import feed
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
+from ragblend.query import Resolved
 from ragblend.request import History, PreparedPrompt, RequestPath
 from ragblend.session_store import SessionInfo, SessionRecord, SessionStore, Turn
 
@@ -35,20 +35,6 @@ TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question+answer (and
 TOPIC_RECENT_TURNS = 2
 TOPIC_MODES = ("keep", "drop")
 SOURCES = ("ram", "disk", "recomputed")  # where a turn's history came from, fastest first
-
-
-@dataclass(frozen=True)
-class TurnRequest:
-    """One `send`, resolved: the question, its contexts and how to fuse and sample them."""
-
-    question: str
-    chunks: list[ContextChunk]
-    mode: str
-    blend: BlendConfig
-    sampling: SamplingConfig
-    load_depth: int = 2
-    retrieve_s: float = 0.0
-    order: str = "retrieval"
 
 
 class SessionBusyError(RuntimeError):
@@ -192,7 +178,7 @@ class SessionManager:
 
     # ---- one turn -----------------------------------------------------------------------------
 
-    def send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+    def send(self, session_id: str, turn: Resolved, on_topic_switch: str, max_history_tokens: int | None,
              stream: bool) -> Answer | AnswerStream:
         """One turn, holding the session's lock until the answer is done (a stream: until it is exhausted
         or closed). A turn that finds another one running waits `busy_wait_s`, then raises SessionBusyError."""
@@ -210,47 +196,56 @@ class SessionManager:
             lock.release()
         return result
 
-    def _send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+    def _send(self, session_id: str, turn: Resolved, on_topic_switch: str, max_history_tokens: int | None,
               stream: bool, release: Callable[[], None]) -> Answer | AnswerStream:
         record = self.store.get(session_id)
         template, _ = self.prefix(record.system)
         start = time.perf_counter()
-        embedding = self.embed(turn.question) if on_topic_switch == "drop" else None
+        embedding = self.embed(turn.request.question) if on_topic_switch == "drop" else None
         switched = embedding is not None and self._off_topic(record, turn.chunks, embedding)
         kept, chunks, suffix = self._plan(template, [] if switched else list(record.turns), turn, max_history_tokens)
-        prepared, history, loaded = self._prefill(record, kept, chunks, suffix, turn, template)
-        prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
-                                history_source=history.source, topic_switch=float(switched),
-                                retrieve_s=turn.retrieve_s)
-        prepared.timings["ttft_s"] += loaded - start
-        saved = _TurnSave(self, session_id, prepared, chunks, turn.question, embedding,
-                          {t.segment for t in kept}, template)
-        answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=saved.commit)
+        planned = time.perf_counter() - start
+
+        def prefill() -> PreparedPrompt:  # in the engine loop
+            began = time.perf_counter()
+            prepared, history, loaded = self._prefill(record, kept, chunks, suffix, turn, template)
+            prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=planned + loaded - began,
+                                    history_source=history.source, topic_switch=float(switched),
+                                    retrieve_s=turn.retrieve_s)
+            prepared.timings["ttft_s"] += planned + loaded - began
+            return prepared
+
+        saved = _TurnSave(self, session_id, chunks, turn.request.question, embedding, {t.segment for t in kept},
+                          template)
+        prompt_tokens = len(template.prefix_ids) + sum(len(t.token_ids) for t in kept) + sum(
+            len(c.token_ids) for c in chunks) + len(suffix)
+        answer = self.requests.answer(prefill, turn.request.sampling, stream, prompt_tokens, on_finish=saved.commit)
         return AnswerStream(answer, lambda _text: answer.answer, on_close=release) if stream else answer
 
-    def _plan(self, template: PromptTemplate, turns: list[Turn], turn: TurnRequest,
+    def _plan(self, template: PromptTemplate, turns: list[Turn], turn: Resolved,
               max_history_tokens: int | None) -> tuple[list[Turn], list[ContextChunk], list[int]]:
         """The turns kept in the prompt, the new chunks (those not in them already) and the question suffix."""
         in_history = {c for t in turns for c in t.chunk_ids}
         chunks = _unique([c for c in turn.chunks if c.chunk_id not in in_history])
-        suffix = template.suffix_ids(turn.question)
+        suffix = template.suffix_ids(turn.request.question)
         new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
-        return self._fit(template, turns, new_tokens, turn.sampling.max_new_tokens, max_history_tokens), chunks, suffix
+        return self._fit(template, turns, new_tokens, turn.request.max_new_tokens, max_history_tokens), chunks, suffix
 
     def _prefill(self, record: SessionRecord, kept: list[Turn], chunks: list[ContextChunk], suffix: list[int],
-                 turn: TurnRequest, template: PromptTemplate) -> tuple[PreparedPrompt, History, float]:
+                 turn: Resolved, template: PromptTemplate) -> tuple[PreparedPrompt, History, float]:
         """The turn's prefill over its history; a damaged turn record is recomputed and the prefill retried."""
-        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
+        request = turn.request
+        reserve = request.max_new_tokens + len(template.joint_ids)
         history = self._history(record, kept)
         loaded = time.perf_counter()
         try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
+            prepared = self.requests.prefill(history, chunks, suffix, request.mode, turn.blend, request.load_depth,
+                                             reserve, request.order)
         except CorruptKVError as error:
             self._drop_segment(record.id, error.key, kept)
             history = self._history(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
+            prepared = self.requests.prefill(history, chunks, suffix, request.mode, turn.blend, request.load_depth,
+                                             reserve, request.order)
         return prepared, history, loaded
 
     def _off_topic(self, record: SessionRecord, chunks: list[ContextChunk], embedding: np.ndarray) -> bool:
@@ -326,17 +321,16 @@ class SessionManager:
 class _TurnSave:
     """What a finished turn leaves behind: its record now (small, synchronous), its KV in the background."""
 
-    def __init__(self, manager: SessionManager, session_id: str, prepared: PreparedPrompt,
-                 chunks: list[ContextChunk], question: str, embedding: np.ndarray | None, kept: set[int],
-                 template: PromptTemplate):
-        self.manager, self.session_id, self.prepared = manager, session_id, prepared
+    def __init__(self, manager: SessionManager, session_id: str, chunks: list[ContextChunk], question: str,
+                 embedding: np.ndarray | None, kept: set[int], template: PromptTemplate):
+        self.manager, self.session_id = manager, session_id
         self.chunks, self.question, self.embedding = chunks, question, embedding
         self.kept, self.template = kept, template  # segments of the turns this one was answered after
 
-    def commit(self, answer: Answer, prefill: Prefill) -> None:
+    def commit(self, answer: Answer, prepared: PreparedPrompt) -> None:
         store = self.manager.store
         history_len = int(answer.timings["history_tokens"])
-        tokens = list(self.prepared.layout.token_ids[history_len:]) + answer.token_ids + list(self.template.joint_ids)
+        tokens = list(prepared.layout.token_ids[history_len:]) + answer.token_ids + list(self.template.joint_ids)
         with store.env.begin(write=True) as txn:
             record = store.read(txn, self.session_id)
             if record is None:  # ended while this turn ran
@@ -348,7 +342,7 @@ class _TurnSave:
             kept = [t for t in record.turns if t.segment in self.kept]
             record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())
             store.write(txn, record)
-        future = self.manager._saver.submit(self._save, answer, prefill.cache, history_len, turn)
+        future = self.manager._saver.submit(self._save, answer, prepared.prefill.cache, history_len, turn)
         with self.manager._guard:
             self.manager._pending[self.session_id] = future
 

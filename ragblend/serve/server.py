@@ -61,8 +61,8 @@ def serve(store: str, model: str | None = None, embedder: str | None = None, hos
 
         torch.set_num_threads(threads)
     rb = RagBlend(store, model=model, embedder=embedder, session_ram_bytes=session_ram_bytes,
-                  decode_weights=decode_weights, kv_backend=kv_backend)
-    app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, max_batch=max_batch, prefetch=prefetch,
+                  decode_weights=decode_weights, kv_backend=kv_backend, max_batch=max_batch)
+    app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, prefetch=prefetch,
                                      audit_rate=audit_rate))
     for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful
         signal.signal(stop, lambda *_: None)      # shutdown: let that return here and exit 0
