@@ -10,7 +10,7 @@ When: a sampled request waits in the audit's queue (bounded; beyond it the oldes
 scheduler holds no request, queued or running. The audit then answers with full prefill on its own
 thread, and gives up the answer at its next token as soon as a request arrives, to retry it at the next
 idle moment (twice at most). So a request never waits behind an audit that has started decoding; one
-that arrives during the audit's prefill waits for that prefill (one full prefill, the Batcher's bound).
+that arrives during the audit's prefill waits for that prefill (one full prefill, the engine loop's bound).
 The answer already sent is never touched: the audit only counts.
 
 What: per audited request, identical answers (first line, as `ragblend calibrate`), first-token
