@@ -272,8 +272,10 @@ class RagBlend:
         puts the chunks with the longest stored path first, the rest in retrieval order (`ans.order`).
         Concurrent queries (from several threads) decode together, one batched step for all of them.
         """
-        return self.answer(Request(question, contexts, top_k, mode, recompute_ratio, max_new_tokens, temperature,
-                                   tuple(stop or ()), stream, check_layer, blend, load_depth, seed, order, namespace))
+        return self.answer(Request(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, stop=tuple(stop or ()),
+                                   stream=stream, check_layer=check_layer, blend=blend, load_depth=load_depth,
+                                   seed=seed, order=order, namespace=namespace))
 
     def answer(self, request: Request) -> Answer | AnswerStream:
         """Answer a Request (what `query` builds from its keywords): returns once the first token is ready."""

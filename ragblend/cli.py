@@ -140,6 +140,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install 'ragblend[serve]'") from None
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
           keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, max_batch=args.max_batch,
+          decode_ram_bytes=args.decode_ram_bytes,
           threads=args.worker_threads, prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes,
           decode_weights=args.decode_weights, kv_backend=args.kv_backend, audit_rate=args.audit_rate)
 
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; beyond, 429")
     serve.add_argument("--max-batch", type=int, default=4,
                        help="requests answered at once, their decode steps batched (default 4)")
+    serve.add_argument("--decode-ram-bytes", type=int,
+                       help="RAM for running answers' decode caches (prompt + max_tokens each); an answer that "
+                            "does not fit waits for others to finish (default: --max-batch alone limits)")
     serve.add_argument("--worker-threads", "--workers-threads", type=int,
                        help="torch threads for the model (default: torch's)")
     serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")

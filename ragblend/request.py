@@ -171,7 +171,11 @@ class RequestPath:
         and the prompt whose cache it grew. `prompt_tokens`: the prompt's length, for admission."""
         submitted = self.loop.submit(self._timed(prefill), lambda p: self._sequence(p, sampling),
                                      prompt_tokens + sampling.max_new_tokens)
-        prepared = submitted.result()
+        try:
+            prepared = submitted.result()
+        except BaseException:
+            submitted.cancel()  # a caller interrupted while waiting takes its request with it
+            raise
         first_token = time.perf_counter()
 
         def finish(text: str) -> Answer:

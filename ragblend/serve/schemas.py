@@ -103,9 +103,10 @@ class Generation(Body):
     def request(self, question: str, namespace: str, contexts: list | None = None) -> Request:
         """The Request this body asks for, streamed (the server reads every answer as a stream);
         `contexts`: chunks retrieved ahead for it, else the body's own (None retrieves)."""
-        return Request(question, contexts if contexts is not None else self.contexts, self.top_k, self.mode,
-                       self.recompute_ratio, self.new_tokens, self.temperature, tuple(self.stops), stream=True,
-                       seed=self.seed, order=self.order, namespace=namespace)
+        return Request(question, contexts=contexts if contexts is not None else self.contexts, top_k=self.top_k,
+                       mode=self.mode, recompute_ratio=self.recompute_ratio, max_new_tokens=self.new_tokens,
+                       temperature=self.temperature, stop=tuple(self.stops), stream=True, seed=self.seed,
+                       order=self.order, namespace=namespace)
 
 
 class ChatRequest(Generation):
