@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
+from test_batched_decode import alone, prompt
 
 import ragblend.engine.loop as loop_module
 from ragblend.engine.generate import SamplingConfig, Sequence
 from ragblend.engine.loop import EngineLoop
-from test_batched_decode import alone, prompt
 
 LENGTH, NEW_TOKENS = 30, 8
 
