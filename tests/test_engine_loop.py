@@ -136,3 +136,11 @@ def test_a_failed_prefill_fails_its_request_alone(tiny_model):
         failing.result()
     assert len(list(running)) > 0
     loop.close()
+
+
+def test_a_fault_of_the_loop_fails_every_request_instead_of_hanging_it(tiny_model, monkeypatch):
+    loop = EngineLoop(tiny_model)
+    monkeypatch.setattr(loop.scheduler, "admit", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        submit(loop, 0).result()
+    loop.close()

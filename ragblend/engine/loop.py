@@ -126,7 +126,18 @@ class EngineLoop:
                     self._thread = None
                     self._cond.notify_all()
                     return
-            self.step()
+            try:
+                self.step()
+            except BaseException as exc:  # noqa: BLE001 - a fault of the loop itself: fail every request, hang none
+                self._fail_all(exc)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            failed = [*self.scheduler.waiting, *self.scheduler.running]
+            self.scheduler.waiting.clear()
+            self.scheduler.running.clear()
+        for submission in failed:
+            submission.fail(error)
 
     def close(self) -> None:
         """Wait until every submitted request has finished or been cancelled."""
