@@ -314,6 +314,7 @@ class RagBlend:
 
     @property
     def max_batch(self) -> int:
+        """Answers decoding at once: the engine's cap on running requests."""
         return self.requests.loop.scheduler.max_running
 
     def verify_kv(self, chunk_ids: Iterable[str]) -> None:
