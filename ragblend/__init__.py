@@ -5,11 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers loads: e
 
 from ragblend.api import RagBlend, SearchHit
 from ragblend.chat import Chat
+from ragblend.query import Request
 from ragblend.storage.documents import Document, DocumentError
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.session_store import SessionInfo, SessionNotFoundError
 from ragblend.storage.store import StoreMismatchError
 
-__all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "SearchHit", "SessionInfo",
+__all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "Request", "SearchHit", "SessionInfo",
            "SessionNotFoundError", "StoreMismatchError"]
 __version__ = "0.1.0"

@@ -6,10 +6,11 @@ import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from index.embedder import Embedder
-from index.namespaces import DEFAULT_NAMESPACE, label, validate_namespace
+from index.namespaces import DEFAULT_NAMESPACE, label, scoped, validate_namespace
 from kvchunks.backends import BackendUnavailableError
 from kvchunks.budget import POLICIES
 from kvchunks.chunking import validate_chunk_tokens
@@ -18,14 +19,15 @@ from ragblend.answer import Answer, AnswerStream
 from ragblend.chat import Chat
 from ragblend.contexts import ContextChunk, from_hit, from_text
 from ragblend.storage.documents import Document, coerce_document
-from ragblend.engine.generate import SamplingConfig
 from ragblend.engine.model import DECODE_WEIGHTS, LoadedModel, load_model, quiet_loading, with_decode_weights
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.engine.selection import BlendConfig
-from ragblend.storage.calibration import read_calibration
+from ragblend.storage.calibration import Calibration, read_calibration
 from ragblend.storage.ingest import Ingestor, IngestReport
 from ragblend.storage.kv_supply import KVSupply
-from ragblend.request import MODES, ORDERS, History, PreparedPrompt, RequestPath
+from ragblend.engine.loop import EngineLoop, EngineStats
+from ragblend.query import Request, Resolved
+from ragblend.request import History, PreparedPrompt, RequestPath
 from ragblend.storage.session_store import DEFAULT_RAM_BYTES, SessionInfo, SessionStore
 from ragblend.sessions import SessionManager
 from ragblend.storage.store import Manifest, Store
@@ -52,7 +54,8 @@ class RagBlend:
                  index_kind: str | None = None, device: str | None = None, blend: BlendConfig | None = None,
                  session_ram_bytes: int = DEFAULT_RAM_BYTES, kv_max_bytes: int | None = None,
                  kv_dtype: str | None = None, decode_weights: str = "float32", kv_backend: str | None = None,
-                 kv_policy: str = "pgdsf", exact_paths: bool = True):
+                 kv_policy: str = "pgdsf", exact_paths: bool = True, max_batch: int = 8,
+                 decode_ram_bytes: int | None = None):
         """`blend`: how blend mode selects tokens (default: the store's calibration for this model, see
         `calibrate`, else BlendConfig()); per query, `recompute_ratio` and `check_layer` override it, and
         `query(blend=...)` replaces it.
@@ -69,7 +72,10 @@ class RagBlend:
         `exact_paths`: keep and use the exact-path tree (KV of chunk sequences computed in full context, loaded
         exactly by `prefix` and `blend`); False answers from single-chunk KV alone, as before the tree.
         `kv_backend`: None keeps every record in LMDB in `store_dir`; a redis:// URL keeps documents, chunks,
-        KV and sessions in that Redis/Valkey server, shared by every replica pointed at it (docs/scale-out.md)."""
+        KV and sessions in that Redis/Valkey server, shared by every replica pointed at it (docs/scale-out.md).
+        `max_batch`: answers decoding at once (one batched forward per token for all of them); more wait.
+        `decode_ram_bytes`: RAM for those answers' decode caches (prompt + max_new_tokens each, reserved when
+        one starts); an answer that does not fit waits for others to finish (None: max_batch alone limits)."""
         self.blend = blend
         # Everything that can fail is checked before the store folder is created.
         if decode_weights not in DECODE_WEIGHTS:
@@ -100,7 +106,8 @@ class RagBlend:
         self.store.budget.policy = kv_policy
         if kv_max_bytes is not None:
             self.store.set_kv_max_bytes(kv_max_bytes)
-        self.requests = RequestPath(self.model, self.store, self.chunk_kv, exact_paths)
+        loop = EngineLoop(self.model, max_batch, decode_ram_bytes)
+        self.requests = RequestPath(self.model, self.store, self.chunk_kv, loop, exact_paths)
         self.ingestor.expire()
         self._session_ram_bytes = session_ram_bytes
         self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
@@ -166,20 +173,28 @@ class RagBlend:
                                       record.position, doc.metadata if doc else {}))
         return hits
 
+    def chunks(self, chunk_ids: Iterable[str]) -> list[SearchHit]:
+        """Stored chunks by id, as hits (score 0) that `query(contexts=...)` reuses the KV of; ValueError
+        names a chunk the store no longer holds."""
+        with self.store.env.begin() as txn:
+            records = {c: self.store.docs.get_chunk(txn, c) for c in chunk_ids}
+        missing = [c for c, record in records.items() if record is None]
+        if missing:
+            raise ValueError(f"chunks no longer stored: {', '.join(missing)}")
+        return [SearchHit(r.chunk_id, r.doc_id, 0.0, r.text, r.token_ids, r.position or 0) for r in records.values()]
+
     def stats(self):
         return self.store.stats()
 
-    def calibrate(self, questions=None, config=None, **options):
-        """Find and store the smallest recompute ratio meeting a quality target (ragblend.eval.calibrate)."""
-        from ragblend.eval.calibrate import CalibrationConfig, calibrate
-
-        return calibrate(self, questions, config or CalibrationConfig(), **options)
+    def calibration(self) -> Calibration | None:
+        """The store's calibration for this model (ratio, metric, target), if it has one."""
+        return read_calibration(self.store, self.store.manifest.kv_fingerprint)
 
     def calibrated_blend(self) -> BlendConfig | None:
         """The store's calibrated blend setting for this model, if it has one (read per query, so a new
         calibration applies at once); while a shared backend is down, the one last read."""
         try:
-            found = read_calibration(self.store, self.store.manifest.kv_fingerprint)
+            found = self.calibration()
         except BackendUnavailableError:  # the request goes on computing what it cannot load: keep its quality
             return self._calibrated
         self._calibrated = found.blend() if found else None
@@ -219,7 +234,8 @@ class RagBlend:
         return self.embedder.embed([text])[0]
 
     def close(self) -> None:
-        """Wait for pending session saves, record KV uses, and stop background work."""
+        """Wait for running answers and pending session saves, record KV uses, and stop background work."""
+        self.requests.loop.close()
         if self._sessions is not None:
             self._sessions.close()
         self.requests.close()
@@ -250,28 +266,75 @@ class RagBlend:
         `prefix` and `blend` first load the longest exact path the store holds for the chunks' order (KV
         computed in full context by earlier requests; `ans.timings["exact_hit_tokens"]`); `order="cache"`
         puts the chunks with the longest stored path first, the rest in retrieval order (`ans.order`).
+        Concurrent queries (from several threads) decode together, one batched step for all of them.
         """
-        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
-        prepared = self.prefill(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
-                                check_layer=check_layer, blend=blend, load_depth=load_depth,
-                                reserve_tokens=max_new_tokens, namespace=namespace, order=order)
-        return self.requests.answer(prepared, mode, sampling, stream)
+        return self.answer(Request(question, contexts=contexts, top_k=top_k, mode=mode, recompute_ratio=recompute_ratio,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, stop=tuple(stop or ()),
+                                   stream=stream, check_layer=check_layer, blend=blend, load_depth=load_depth,
+                                   seed=seed, order=order, namespace=namespace))
 
-    def prefill(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
-                recompute_ratio: float | str | None = None, check_layer: int | None = None,
-                blend: BlendConfig | None = None, load_depth: int = 2, reserve_tokens: int = 0,
-                namespace: str = DEFAULT_NAMESPACE, order: str = "retrieval") -> PreparedPrompt:
-        """Everything up to the first token: contexts, missing KV, prompt layout and the mode's prefill."""
-        self._validate_query(question, mode, top_k, order)
-        config = self._blend_config(blend, recompute_ratio, check_layer)
+    def answer(self, request: Request) -> Answer | AnswerStream:
+        """Answer a Request (what `query` builds from its keywords): returns once the first token is ready."""
+        resolved = self.resolve(request)
+        prompt_tokens = (len(self.template.prefix_ids) + sum(len(c.token_ids) for c in resolved.chunks)
+                         + len(self.template.suffix_ids(request.question)))
+        return self.requests.answer(lambda: self._prefill(resolved, request.max_new_tokens), request.sampling,
+                                    request.stream, prompt_tokens)
+
+    def prefill(self, question: str, **options) -> PreparedPrompt:
+        """Everything up to the first token (contexts, missing KV, prompt layout and the mode's prefill),
+        without answering; `options` as `query`'s."""
+        resolved = self.resolve(Request(question, **options))
+        return self.requests.run_prefill(lambda: self._prefill(resolved, 0))
+
+    def resolve(self, request: Request) -> Resolved:
+        """The request's chunks (retrieved, or its contexts as chunks) and blend settings."""
+        config = self._blend_config(request)
         start = time.perf_counter()
-        chunks = self._contexts(question, contexts, top_k, namespace)
-        retrieved = time.perf_counter()
+        chunks = self._contexts(request)
+        return Resolved(request, chunks, config, time.perf_counter() - start)
+
+    def _prefill(self, resolved: Resolved, reserve_tokens: int) -> PreparedPrompt:
+        """On the engine loop: the request's prefill behind the store's prompt prefix."""
+        request = resolved.request
         history = History(self.template.prefix_ids, [(0, self.chunk_kv.spans.prefix_kv)])
-        prepared = self.requests.prefill(history, chunks, self.template.suffix_ids(question), mode, config,
-                                         load_depth, reserve_tokens, order)
-        prepared.timings["retrieve_s"] = retrieved - start
+        prepared = self.requests.prefill(history, resolved.chunks, self.template.suffix_ids(request.question),
+                                         request.mode, resolved.blend, request.load_depth, reserve_tokens,
+                                         request.order)
+        prepared.timings["retrieve_s"] = resolved.retrieve_s
         return prepared
+
+    def engine_stats(self) -> EngineStats:
+        """The engine's decode steps, tokens fed and prefills since start (`mean_batch` = tokens / steps)."""
+        return self.requests.loop.stats
+
+    @property
+    def max_batch(self) -> int:
+        """Answers decoding at once: the engine's cap on running requests."""
+        return self.requests.loop.scheduler.max_running
+
+    def verify_kv(self, chunk_ids: Iterable[str]) -> None:
+        """Read the stored KV of these chunks (those that have it), checksums verified: warms its pages ahead
+        of a request, and raises CorruptKVError for a damaged record."""
+        with self.store.env.begin(buffers=True) as txn:
+            for chunk_id in chunk_ids:
+                if self.store.kv.contains(txn, chunk_id):
+                    self.store.kv.verify(txn, chunk_id)
+
+    def kv_bytes(self) -> dict[str, int]:
+        """KV bytes held: conversations in RAM, chunks and conversations on disk, and the exact-path tree."""
+        sessions = self.session_manager.store
+        with self.store.env.begin() as txn:
+            disk = self.store.kv.payload_bytes(txn) + sessions.kv.payload_bytes(txn)
+            paths = self.store.paths.kv.payload_bytes(txn)
+        return {"ram": sessions.ram.bytes, "disk": disk, "paths": paths}
+
+    def prefetch_session(self, session_id: str, namespace: str = DEFAULT_NAMESPACE) -> Callable[[], None]:
+        """Bring a session's stored turns into the RAM tier ahead of its next turn, protected from eviction
+        until the returned release is called (CachedAttention's prefetch for queued requests)."""
+        manager = self.session_manager
+        keys = manager.prefetch(scoped(namespace, session_id))
+        return lambda: manager.release(keys)
 
     @staticmethod
     def _validate_question(question, top_k) -> None:
@@ -280,36 +343,22 @@ class RagBlend:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
 
-    @classmethod
-    def _validate_query(cls, question, mode, top_k, order="retrieval") -> None:
-        cls._validate_question(question, top_k)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if order not in ORDERS:
-            raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
-
-    def _blend_config(self, blend: BlendConfig | None, ratio: float | str | None, check_layer: int | None) -> BlendConfig:
-        """The query's blend settings (validated by BlendConfig); the check layer is at most the last layer."""
-        config = blend or self.blend or self.calibrated_blend() or BlendConfig()
-        if ratio is not None:
-            config = replace(config, recompute_ratio=ratio)
-        if check_layer is not None:
-            config = replace(config, check_layer=check_layer)
+    def _blend_config(self, request: Request) -> BlendConfig:
+        """The request's blend settings (validated by BlendConfig); the check layer is at most the last layer."""
+        config = request.blend or self.blend or self.calibrated_blend() or BlendConfig()
+        if request.recompute_ratio is not None:
+            config = replace(config, recompute_ratio=request.recompute_ratio)
+        if request.check_layer is not None:
+            config = replace(config, check_layer=request.check_layer)
         return replace(config, check_layer=min(config.check_layer, self.model.num_layers - 1))
 
-    def _contexts(self, question: str, contexts: list | None, top_k: int, namespace: str) -> list[ContextChunk]:
-        validate_namespace(namespace)
-        if contexts is None:
-            hits = self.search(question, top_k, namespace)
+    def _contexts(self, request: Request) -> list[ContextChunk]:
+        if request.contexts is None:
+            hits = self.search(request.question, request.top_k, request.namespace)
             if not hits:
                 raise ValueError("the store has no documents to retrieve from; add documents or pass contexts=")
             return [from_hit(h) for h in hits]
-        if not contexts:
-            raise ValueError("contexts must be a non-empty list (or None to retrieve)")
-        chunks: list[ContextChunk] = []
-        for item in contexts:
-            chunks.extend(self._context(item, namespace))
-        return chunks
+        return [chunk for item in request.contexts for chunk in self._context(item, request.namespace)]
 
     def _document_chunks(self, doc_ids: list[str], namespace: str) -> list[ContextChunk]:
         with self.store.env.begin() as txn:

@@ -1,14 +1,12 @@
 """`rb.chat(...)`: a conversation handle whose `send` is `query` with the session's history as stored KV."""
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from ragblend.answer import Answer, AnswerStream
-from ragblend.engine.generate import SamplingConfig
-from ragblend.engine.selection import BlendConfig
+from ragblend.query import Request
 from ragblend.storage.session_store import SessionRecord
-from ragblend.sessions import TOPIC_MODES, SessionManager, TurnRequest
+from ragblend.sessions import TOPIC_MODES, SessionManager
 
 if TYPE_CHECKING:
     from ragblend.api import RagBlend
@@ -46,21 +44,18 @@ class Chat:
         template, _ = self._manager.prefix(record.system)
         return len(template.prefix_ids) + record.history_tokens
 
-    def send(self, question: str, *, contexts: list | None = None, top_k: int = 4, mode: str = "blend",
-             recompute_ratio: float | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-             stop: list[str] | None = None, stream: bool = False, check_layer: int | None = None,
-             blend: BlendConfig | None = None, load_depth: int = 2, seed: int | None = None,
-             order: str = "retrieval") -> Answer | AnswerStream:
-        """One turn: the same keywords and Answer as `query`, plus history timings
-        (`history_tokens`, `history_load_s`, `history_source`, `save_s` once the background save is done)."""
-        rb = self._rb
-        sampling = SamplingConfig(max_new_tokens, temperature, tuple(stop or ()), seed)
-        rb._validate_query(question, mode, top_k, order)
-        config = rb._blend_config(blend, recompute_ratio, check_layer)
-        start = time.perf_counter()
-        chunks = rb._contexts(question, contexts, top_k, self.namespace)
-        turn = TurnRequest(question, chunks, mode, config, sampling, load_depth, time.perf_counter() - start, order)
-        return self._manager.send(self._key, turn, self.on_topic_switch, self.max_history_tokens, stream)
+    def send(self, question: str, **options) -> Answer | AnswerStream:
+        """One turn: the keywords and Answer of `query` (but not its namespace: the session's), plus history
+        timings (`history_tokens`, `history_load_s`, `history_source`, `save_s` once the background save
+        is done)."""
+        return self.answer(Request(question, namespace=self.namespace, **options))
+
+    def answer(self, request: Request) -> Answer | AnswerStream:
+        """One turn answering `request`, which must be of the session's namespace."""
+        if request.namespace != self.namespace:
+            raise ValueError(f"this session is of namespace {self.namespace!r}, the request of {request.namespace!r}")
+        turn = self._rb.resolve(request)
+        return self._manager.send(self._key, turn, self.on_topic_switch, self.max_history_tokens, request.stream)
 
     def wait(self) -> None:
         """Block until this session's last turn is saved."""

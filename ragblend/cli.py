@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from ragblend.query import MODES, ORDERS
 from ragblend.storage.documents import DocumentError
 
 EVAL_CHUNK_TOKENS = 2048  # large enough that each evaluation passage stays one chunk
@@ -51,10 +52,12 @@ def _stats(args: argparse.Namespace) -> None:
 
 def _query(args: argparse.Namespace) -> None:
     from ragblend.api import RagBlend
+    from ragblend.query import Request
 
-    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
-    result = rb.query(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio, order=args.order,
+    request = Request(args.question, mode=args.mode, top_k=args.top_k, recompute_ratio=args.ratio, order=args.order,
                       max_new_tokens=args.max_new_tokens, stream=args.stream, namespace=args.namespace)
+    rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
+    result = rb.answer(request)
     if args.stream:
         for piece in result:
             print(piece, end="", flush=True)
@@ -137,6 +140,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install 'ragblend[serve]'") from None
     serve(args.store, model=args.model, embedder=args.embedder, host=args.host, port=args.port,
           keys=api_keys(args.api_key, args.api_keys), max_queue=args.max_queue, max_batch=args.max_batch,
+          decode_ram_bytes=args.decode_ram_bytes,
           threads=args.worker_threads, prefetch=not args.no_prefetch, session_ram_bytes=args.session_ram_bytes,
           decode_weights=args.decode_weights, kv_backend=args.kv_backend, audit_rate=args.audit_rate)
 
@@ -205,7 +209,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ragblend.api import RagBlend
-    from ragblend.eval.calibrate import LADDER, CalibrationConfig, load_questions
+    from ragblend.eval.calibrate import LADDER, CalibrationConfig, calibrate, load_questions
     from ragblend.eval.plots import calibration_curve
 
     # Everything the user gave is checked before the store is opened: a bad file writes nothing.
@@ -215,7 +219,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     questions = load_questions(args.questions, config.metric) if args.questions else None
     _existing_store(args).close()
     rb = RagBlend(args.store, model=args.model, embedder=args.embedder, kv_backend=args.kv_backend)
-    report = rb.calibrate(questions, config, seed=args.seed)
+    report = calibrate(rb, questions, config, seed=args.seed)
     rb.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_option(query)
     query.add_argument("--model", help="must be the model the store was built with (default: bundled SmolLM2)")
     query.add_argument("--embedder", help="must be the store's embedder (default: bundled all-MiniLM-L6-v2)")
-    query.add_argument("--mode", choices=["blend", "reuse", "prefix", "full"], default="blend")
-    query.add_argument("--order", choices=["retrieval", "cache"], default="retrieval",
+    query.add_argument("--mode", choices=MODES, default="blend")
+    query.add_argument("--order", choices=ORDERS, default="retrieval",
                        help="chunk order: as retrieved, or the longest stored exact path first")
     query.add_argument("--top-k", type=int, default=4)
     query.add_argument("--ratio", type=_ratio, default=None,
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests queued or running; beyond, 429")
     serve.add_argument("--max-batch", type=int, default=4,
                        help="requests answered at once, their decode steps batched (default 4)")
+    serve.add_argument("--decode-ram-bytes", type=int,
+                       help="RAM for running answers' decode caches (prompt + max_tokens each); an answer that "
+                            "does not fit waits for others to finish (default: --max-batch alone limits)")
     serve.add_argument("--worker-threads", "--workers-threads", type=int,
                        help="torch threads for the model (default: torch's)")
     serve.add_argument("--no-prefetch", action="store_true", help="do not prefetch queued requests' KV")

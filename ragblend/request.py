@@ -2,8 +2,8 @@
 
 `RagBlend.query` (history = the prompt prefix), `Chat.send` (history = prefix and earlier turns) and the
 server all go through it, so a change to fusion, loading or decoding reaches every surface at once.
-Requests answered on several threads share the model through one Batcher: their decode steps run
-batched, their prefills between steps (ragblend.engine.batcher).
+Every prefill and decode runs in the one engine loop (ragblend.engine.loop): decodes of concurrent
+requests batched into one forward per step, prefills between steps.
 
 Exact reuse comes first: behind the store's own prompt prefix, the longest run of leading chunks whose KV the
 exact-path tree holds (kvchunks.paths) is loaded as history, exactly as full prefill computes it; `prefix`
@@ -27,18 +27,16 @@ from kvchunks.kvstore import CorruptKVError, StoredKV
 from kvchunks.paths import path_key
 from ragblend.answer import Answer, AnswerStream, ChunkRef
 from ragblend.contexts import ContextChunk
-from ragblend.engine.batcher import Batcher
 from ragblend.engine.fusion import FusionEngine, Prefill
-from ragblend.engine.generate import SamplingConfig, decode
+from ragblend.engine.generate import SamplingConfig, Sequence
 from ragblend.engine.layout import PromptLayout
 from ragblend.engine.loader import KVSource, LayerLoader
+from ragblend.engine.loop import EngineLoop
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.selection import BlendConfig
 from ragblend.storage.kv_supply import KVSupply
 from ragblend.storage.store import Store
 
-MODES = ("blend", "reuse", "prefix", "full")
-ORDERS = ("retrieval", "cache")  # chunks as retrieved, or the longest stored exact path first
 
 
 @dataclass
@@ -61,6 +59,7 @@ class PreparedPrompt:
     prefill: Prefill
     chunks: list[ContextChunk]
     timings: dict[str, float]
+    mode: str
     order: str = "retrieval"
 
 
@@ -77,11 +76,11 @@ class Plan:
 
 
 class RequestPath:
-    def __init__(self, model: LoadedModel, store: Store, chunk_kv: KVSupply, exact_paths: bool = True):
-        self.model, self.store, self.chunk_kv = model, store, chunk_kv
+    def __init__(self, model: LoadedModel, store: Store, chunk_kv: KVSupply, loop: EngineLoop,
+                 exact_paths: bool = True):
+        self.model, self.store, self.chunk_kv, self.loop = model, store, chunk_kv, loop
         self.exact_paths = exact_paths
         self.engine = FusionEngine(model)
-        self.batcher = Batcher(model)
         self._path_saver = ThreadPoolExecutor(1, thread_name_prefix="ragblend-path-save")
         self._path_save: Future | None = None
 
@@ -106,28 +105,27 @@ class RequestPath:
         if len(plan.layout) + reserve_tokens > self.model.max_positions:
             raise ValueError(f"prompt of {len(plan.layout)} tokens + {reserve_tokens} new tokens exceeds the model's "
                              f"window of {self.model.max_positions}; use fewer or shorter contexts")
-        with self.batcher.prefill():  # between decode steps of other requests, see Batcher
-            waited = prepared = time.perf_counter()
-            try:
-                misses = self.chunk_kv.ensure(plan.loaded)
-                prepared = time.perf_counter()
-                prefill, repaired = self._run_stored(plan, mode, blend, load_depth)
-                misses += repaired
-            except BackendUnavailableError:  # the shared backend went away: compute what it could not give
-                plan = self._plan(history, chunks, suffix_ids, mode, tree=False)
-                misses = len(plan.loaded)
-                computed = dict(zip([c.chunk_id for c in plan.loaded], self.chunk_kv.as_stored(plan.loaded)))
-                prefill = self._run_engine(plan, mode, blend, load_depth, computed)
-            prefill.timings["fuse_s"] = time.perf_counter() - prepared
+        planned = prepared = time.perf_counter()
+        try:
+            misses = self.chunk_kv.ensure(plan.loaded)
+            prepared = time.perf_counter()
+            prefill, repaired = self._run_stored(plan, mode, blend, load_depth)
+            misses += repaired
+        except BackendUnavailableError:  # the shared backend went away: compute what it could not give
+            plan = self._plan(history, chunks, suffix_ids, mode, tree=False)
+            misses = len(plan.loaded)
+            computed = dict(zip([c.chunk_id for c in plan.loaded], self.chunk_kv.as_stored(plan.loaded)))
+            prefill = self._run_engine(plan, mode, blend, load_depth, computed)
+        prefill.timings["fuse_s"] = time.perf_counter() - prepared
         exact_tokens = sum(len(c.token_ids) for c in chunks[: plan.exact])
         if plan.exact > 1:
             self.store.budget.path_used(exact_tokens)
         if tree and mode in ("full", "prefix"):
             self._save_paths(chunks, plan, prefill.cache)
-        timings = {"wait_s": waited - start, "prepare_s": prepared - waited, **prefill.timings,
+        timings = {"prepare_s": prepared - planned, **prefill.timings,
                    "ttft_s": time.perf_counter() - start, "exact_hit_tokens": exact_tokens, "tree_s": tree_s,
                    "kv_hits": len(plan.loaded) - misses + max(plan.exact - 1, 0), "kv_misses": misses}
-        return PreparedPrompt(plan.layout, prefill, chunks, timings, order)
+        return PreparedPrompt(plan.layout, prefill, chunks, timings, mode, order)
 
     def _tree_applies(self, history: History) -> bool:
         """Paths are computed behind the store's own prompt prefix: not behind a session's earlier turns or
@@ -163,26 +161,57 @@ class RequestPath:
         stored_spans = min(spans, len(layout.spans))
         return Plan(history, layout, exact, stored_spans, chunks[: min(exact, 1)] + rest[: stored_spans - 1])
 
-    def answer(self, prepared: PreparedPrompt, mode: str, sampling: SamplingConfig, stream: bool,
-               on_finish: Callable[[Answer, Prefill], None] | None = None) -> Answer | AnswerStream:
-        """Decode from the prepared prompt; `on_finish` sees the answer and the cache it grew."""
-        layout, prefill, timings = prepared.layout, prepared.prefill, prepared.timings
+    def answer(self, prefill: Callable[[], PreparedPrompt], sampling: SamplingConfig, stream: bool,
+               prompt_tokens: int, on_finish: Callable[[Answer, PreparedPrompt], None] | None = None
+               ) -> Answer | AnswerStream:
+        """Submit a request to the engine: `prefill` runs in its loop, then the answer decodes batched with
+        the others. Returns once the prefill is done (its errors raise here); `on_finish` sees the answer
+        and the prompt whose cache it grew. `prompt_tokens`: the prompt's length, for admission."""
+        submitted = self.loop.submit(self._timed(prefill), lambda p: self._sequence(p, sampling),
+                                     prompt_tokens + sampling.max_new_tokens)
+        try:
+            prepared = submitted.result()
+        except BaseException:
+            submitted.cancel()  # a caller interrupted while waiting takes its request with it
+            raise
         first_token = time.perf_counter()
-        generated: list[int] = []
-        pieces = decode(self.model, prefill.cache, prefill.logits, len(layout), sampling, generated, self.batcher.step)
 
         def finish(text: str) -> Answer:
+            timings = prepared.timings
             timings["decode_s"] = time.perf_counter() - first_token
             timings["total_s"] = timings["ttft_s"] + timings["decode_s"]
             refs = [ChunkRef(c.chunk_id, c.doc_id, c.score, len(c.token_ids)) for c in prepared.chunks]
-            answer = Answer(text.strip(), mode, timings["ttft_s"], timings, len(layout), prefill.recomputed_tokens,
-                            refs, generated, prefill.logits, prepared.order)
+            answer = Answer(text.strip(), prepared.mode, timings["ttft_s"], timings, len(prepared.layout),
+                            prepared.prefill.recomputed_tokens, refs, submitted.sequence.generated,
+                            prepared.prefill.logits, prepared.order)
             if on_finish is not None:
-                on_finish(answer, prefill)
+                on_finish(answer, prepared)
             return answer
 
-        answer_stream = AnswerStream(pieces, finish)
+        answer_stream = AnswerStream(submitted, finish)
         return answer_stream if stream else answer_stream.collect()
+
+    def run_prefill(self, prefill: Callable[[], PreparedPrompt]) -> PreparedPrompt:
+        """A prefill alone (no answer), run by the engine between decode steps."""
+        return self.loop.submit(self._timed(prefill)).result()
+
+    @staticmethod
+    def _timed(prefill: Callable[[], PreparedPrompt]) -> Callable[[], PreparedPrompt]:
+        """`prefill`, with the time it waited for the engine counted in its `wait_s` and TTFT."""
+        submitted = time.perf_counter()
+
+        def run() -> PreparedPrompt:
+            began = time.perf_counter()
+            prepared = prefill()
+            prepared.timings["wait_s"] = began - submitted
+            prepared.timings["ttft_s"] += began - submitted
+            return prepared
+
+        return run
+
+    def _sequence(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> Sequence:
+        prefill = prepared.prefill
+        return Sequence(self.model, prefill.cache, prefill.logits, len(prepared.layout), sampling, [])
 
     def _run_stored(self, plan: Plan, mode: str, blend: BlendConfig, depth: int) -> tuple[Prefill, int]:
         """The prefill over stored KV, and how many damaged chunk records it had to recompute."""

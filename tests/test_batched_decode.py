@@ -2,17 +2,13 @@
 whatever joins or leaves the batch, and a step is the model's own forward."""
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-import ragblend.engine.batcher as batcher_module
 from ragblend import RagBlend
-from ragblend.engine.batcher import Batcher
 from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.generate import SamplingConfig, Sequence, decode, feed, step
 from ragblend.engine.model import DECODE_WEIGHTS, with_decode_weights
@@ -96,48 +92,12 @@ def test_concurrent_queries_share_steps_and_answer_as_they_do_one_by_one(tiny_mo
                   decode_weights=weights) as rb:
         ask = lambda q: rb.query(q, contexts=passages, mode="blend", max_new_tokens=24)  # noqa: E731
         one_by_one = [ask(q).token_ids for q in questions]
-        before = rb.requests.batcher.stats.steps, rb.requests.batcher.stats.tokens
+        before = rb.engine_stats().steps, rb.engine_stats().tokens
         with ThreadPoolExecutor(len(questions)) as pool:
             concurrent = [a.token_ids for a in pool.map(ask, questions)]
-        steps, tokens = (now - then for now, then in zip((rb.requests.batcher.stats.steps,
-                                                           rb.requests.batcher.stats.tokens), before))
+        steps, tokens = rb.engine_stats().steps - before[0], rb.engine_stats().tokens - before[1]
     assert concurrent == one_by_one
     assert tokens > steps  # some steps fed several requests
-
-
-def test_while_decodes_wait_at_most_one_prefill_runs_between_two_steps(tiny_model_factory, monkeypatch):
-    model = tiny_model_factory("llama")
-    batcher, events = Batcher(model), []
-    real_step = batcher_module.step
-
-    def logged_step(model_, batch):
-        events.append("step")
-        real_step(model_, batch)
-
-    monkeypatch.setattr(batcher_module, "step", logged_step)
-    decoding = threading.Event()
-
-    def decode_one():
-        cache, logits = prompt(model, 30, seed=0)
-        for _ in decode(model, cache, logits, 30, SamplingConfig(max_new_tokens=40), [], batcher.step):
-            decoding.set()
-
-    def prefill_many():
-        decoding.wait(5)
-        for _ in range(6):
-            with batcher.prefill():
-                events.append("prefill")
-                time.sleep(0.05)
-
-    threads = [threading.Thread(target=decode_one)] + [threading.Thread(target=prefill_many) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    last_step = len(events) - events[::-1].index("step")
-    while_decoding = events[events.index("step"):last_step]
-    assert events.count("prefill") == 18 and while_decoding.count("prefill") > 1
-    assert all(not (a == b == "prefill") for a, b in zip(while_decoding, while_decoding[1:]))
 
 
 @pytest.mark.integration

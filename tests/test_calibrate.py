@@ -9,7 +9,7 @@ import pytest
 from ragblend.api import RagBlend
 from ragblend.cli import main
 from ragblend.engine.selection import BlendConfig
-from ragblend.eval.calibrate import CalibrationConfig
+from ragblend.eval.calibrate import CalibrationConfig, calibrate
 from ragblend.eval.store_questions import CalibrationQuestion, store_questions
 from ragblend.storage.calibration import Calibration, read_calibration, read_partial, write_calibration
 from ragblend.storage.store import Store
@@ -62,7 +62,7 @@ def test_the_calibration_belongs_to_its_model_fingerprint(rb):
 
 def test_calibrate_stores_the_first_ratio_that_meets_the_target_and_queries_use_it(rb):
     # A tiny random model answers with one repeated token whatever the cache: every ratio agrees.
-    report = rb.calibrate(QUESTIONS, CalibrationConfig(target=0.9, metric="identical", ratios=(0.6, 0.3)),
+    report = calibrate(rb, QUESTIONS, CalibrationConfig(target=0.9, metric="identical", ratios=(0.6, 0.3)),
                           progress=False)
     assert [(r.ratio, r.status, r.answered) for r in report.runs] == [(0.3, "met", 3), (0.6, "not run", 0)]
     stored = read_calibration(rb.store, rb.store.manifest.kv_fingerprint)
@@ -74,7 +74,7 @@ def test_calibrate_stores_the_first_ratio_that_meets_the_target_and_queries_use_
 def test_when_no_ratio_below_one_meets_the_target_one_is_stored_and_said(rb):
     # Full prefill answers none right, so no ratio can show it keeps full's right answers.
     unanswerable = [replace(q, answers=["Zyzzyva"]) for q in QUESTIONS]
-    report = rb.calibrate(unanswerable, CalibrationConfig(target=0.5, metric="kept", ratios=(0.3,)), progress=False)
+    report = calibrate(rb, unanswerable, CalibrationConfig(target=0.5, metric="kept", ratios=(0.3,)), progress=False)
     assert report.calibration.ratio == 1.0 and not report.calibration.met
     assert "no ratio below 1 met kept >= 50%" in report.calibration.summary()
     answer = rb.query("Who built it?", mode="blend", max_new_tokens=8)
@@ -84,7 +84,7 @@ def test_when_no_ratio_below_one_meets_the_target_one_is_stored_and_said(rb):
 
 def test_kept_needs_gold_answers(rb):
     with pytest.raises(ValueError, match="gold answers"):
-        rb.calibrate([CalibrationQuestion("Who?")], CalibrationConfig(metric="kept"), progress=False)
+        calibrate(rb, [CalibrationQuestion("Who?")], CalibrationConfig(metric="kept"), progress=False)
 
 
 def test_store_questions_blank_a_word_of_a_stored_chunk(rb):
@@ -149,14 +149,14 @@ def test_an_interrupted_calibration_resumes_from_what_it_stored(tiny_model, embe
     rb = RagBlend(tmp_path / "store", model=tiny_model, embedder=embedder)
     config = CalibrationConfig(target=0.5, metric="identical", ratios=(0.3,))
     with pytest.raises(ValueError, match="no documents"):  # the second question retrieves from an empty store
-        rb.calibrate(QUESTIONS[:2], config, progress=False)
+        calibrate(rb, QUESTIONS[:2], config, progress=False)
     key = _run_key(rb.store.manifest.kv_fingerprint, QUESTIONS[:2], config)
     partial = read_partial(rb.store, key)
     assert list(partial["full"]) == ["0"]  # the first question's reference answer was stored
     partial["full"]["0"]["text"] = "a reference answer only the stored record has"
     write_partial(rb.store, key, partial)
     rb.add_documents(DOCS)
-    report = rb.calibrate(QUESTIONS[:2], config, progress=False)
+    report = calibrate(rb, QUESTIONS[:2], config, progress=False)
     assert (report.runs[0].answered, report.runs[0].agreement) == (2, 0.5)  # the stored reference was used
     rb.close()
 
@@ -164,7 +164,7 @@ def test_an_interrupted_calibration_resumes_from_what_it_stored(tiny_model, embe
 def test_calibration_measures_fusion_not_the_exact_path_tree(rb):
     """Full prefill's paths would make every later blend over the same passages exact: calibrate runs without
     the tree (it adds no path and loads none) and leaves it on for the store's requests afterwards."""
-    rb.calibrate(QUESTIONS, CalibrationConfig(target=0.9, metric="identical", ratios=(0.3,)), progress=False)
+    calibrate(rb, QUESTIONS, CalibrationConfig(target=0.9, metric="identical", ratios=(0.3,)), progress=False)
     assert rb.stats().paths == 0 and rb.requests.exact_paths
     rb.query(QUESTIONS[0].question, contexts=DOCS, mode="full", max_new_tokens=1)
     assert rb.query(QUESTIONS[0].question, contexts=DOCS, max_new_tokens=1).timings["exact_hit_tokens"] > 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache
@@ -110,14 +110,12 @@ def step(model: LoadedModel, sequences: list[Sequence]) -> None:
 
 
 def decode(model: LoadedModel, cache: DynamicCache, first_logits: torch.Tensor, prompt_len: int,
-           sampling: SamplingConfig, generated: list[int],
-           feed_step: Callable[[Sequence], None] | None = None) -> Iterator[str]:
-    """Yield text pieces; token ids accumulate in `generated`. `feed_step` runs a sequence's step (default:
-    alone; a Batcher's joins it to other requests' steps)."""
+           sampling: SamplingConfig, generated: list[int]) -> Iterator[str]:
+    """Yield text pieces of one request decoded alone (token ids accumulate in `generated`): the
+    reference a batched decode (ragblend.engine.loop) must equal."""
     sequence = Sequence(model, cache, first_logits, prompt_len, sampling, generated)
-    feed_step = feed_step or (lambda s: step(model, [s]))
     while True:
         yield from sequence.advance()
         if sequence.token is None:
             return
-        feed_step(sequence)
+        step(model, [sequence])

@@ -1,8 +1,8 @@
 """One answer request as a scheduler job: what it prefetches while queued, and what the worker runs.
 
-Every answer goes through `RagBlend.query` or a session's `Chat.send`, so the server answers exactly as
-the Python API does. The worker always iterates the answer as a stream, so a request whose client went
-away stops at its next token.
+The body becomes the one Request type (Generation.request), answered by `RagBlend.answer` or a
+session's `Chat.answer`, so the server answers exactly as the Python API does. The worker always reads
+the answer as a stream, so a request whose client went away is dropped by the engine at its next step.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from index.namespaces import scoped
 from ragblend.answer import Answer, AnswerStream
 from ragblend.api import RagBlend
 from ragblend.chat import Chat
@@ -42,30 +41,20 @@ class AnswerWork:
         if self.params.contexts is None:
             self._hits = self.rb.search(self.conversation.question, self.params.top_k, self.namespace)
             self._retrieved.set()
-            with self.rb.store.env.begin(buffers=True) as txn:
-                for hit in self._hits:
-                    if self.rb.store.kv.contains(txn, hit.chunk_id):
-                        self.rb.store.kv.verify(txn, hit.chunk_id)
+            self.rb.verify_kv(hit.chunk_id for hit in self._hits)
         if not isinstance(self.session, str):
             return None
-        manager = self.rb.session_manager
-        keys = manager.prefetch(scoped(self.namespace, self.session))
-        return lambda: manager.release(keys)
+        return self.rb.prefetch_session(self.session, self.namespace)
 
     def run(self, job: Job) -> Answer:
-        p = self.params
-        contexts = p.contexts
-        if contexts is None and self._retrieved.is_set() and self._hits:
-            contexts = self._hits
-        options = dict(contexts=contexts, top_k=p.top_k, mode=p.mode, order=p.order, recompute_ratio=p.recompute_ratio,
-                       max_new_tokens=p.new_tokens, temperature=p.temperature, stop=p.stops, stream=True,
-                       seed=p.seed)
+        hits = self._hits if self._retrieved.is_set() else None
+        request = self.params.request(self.conversation.question, self.namespace, hits or None)
         if self.session is None and self.conversation.stateless:
-            return self._collect(job, self.rb.query(self.conversation.question, namespace=self.namespace, **options))
+            return self._collect(job, self.rb.answer(request))
         chat = self._open()
         self.session_id = chat.session_id
         try:
-            return self._collect(job, chat.send(self.conversation.question, **options))
+            return self._collect(job, chat.answer(request))
         finally:
             if not self.keeps_session:
                 chat.wait()

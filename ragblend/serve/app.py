@@ -60,11 +60,10 @@ _END = object()
 @dataclass(frozen=True)
 class ServeConfig:
     """`api_keys`: key -> the namespace it is bound to (None: the request's namespace header chooses).
-    `max_batch`: requests answered at once, their decode steps batched (see the scheduler)."""
+    Requests answered at once are the RagBlend's `max_batch` (its engine decodes them in one batch)."""
 
     api_keys: dict[str, str | None] = field(default_factory=dict)
     max_queue: int = 64
-    max_batch: int = 4
     prefetch: bool = True
     limits: Limits = LIMITS
     audit_rate: float = 0.0  # share of blend requests re-answered with full prefill when idle (serve/audit.py)
@@ -107,10 +106,9 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 
 def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
-    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch, workers=config.max_batch)
+    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch, workers=rb.max_batch)
     jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
-    metrics = Metrics(lambda: scheduler.depth, lambda: _tier_bytes(rb), lambda: rb.requests.batcher.stats,
-                      lambda: _path_bytes(rb))
+    metrics = Metrics(lambda: scheduler.depth, rb.kv_bytes, rb.engine_stats)
     audit = Audit(rb, config.audit_rate, lambda: scheduler.depth, metrics.registry)
     model_name = Path(rb.model.name).name
     started = int(time.time())
@@ -258,7 +256,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/v1/stats")
     async def stats(_namespace: str = Depends(tenant)):
         """The whole store's numbers (as `ragblend stats --json` prints them, and as /readyz counts documents)."""
-        return asdict(await asyncio.to_thread(rb.store.stats))
+        return asdict(await asyncio.to_thread(rb.stats))
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -271,7 +269,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(_namespace: str = Depends(tenant)):
-        stats = await asyncio.to_thread(rb.store.stats)
+        stats = await asyncio.to_thread(rb.stats)
         return {"status": "ready", "model": model_name, "documents": stats.documents, "queue": scheduler.depth}
 
     @app.get("/v1/audit")
@@ -283,19 +281,6 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _tier_bytes(rb: RagBlend) -> dict[str, int]:
-    """KV bytes in RAM (the conversation tier) and on disk (chunks and conversations), from running totals."""
-    sessions = rb.session_manager.store
-    with rb.store.env.begin() as txn:
-        disk = rb.store.kv.payload_bytes(txn) + sessions.kv.payload_bytes(txn)
-    return {"ram": sessions.ram.bytes, "disk": disk}
-
-
-def _path_bytes(rb: RagBlend) -> int:
-    with rb.store.env.begin() as txn:
-        return rb.store.paths.kv.payload_bytes(txn)
 
 
 async def _until_done(request: Request, job: Job, result: asyncio.Future):

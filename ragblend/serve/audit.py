@@ -10,7 +10,7 @@ When: a sampled request waits in the audit's queue (bounded; beyond it the oldes
 scheduler holds no request, queued or running. The audit then answers with full prefill on its own
 thread, and gives up the answer at its next token as soon as a request arrives, to retry it at the next
 idle moment (twice at most). So a request never waits behind an audit that has started decoding; one
-that arrives during the audit's prefill waits for that prefill (one full prefill, the Batcher's bound).
+that arrives during the audit's prefill waits for that prefill (one full prefill, the engine loop's bound).
 The answer already sent is never touched: the audit only counts.
 
 What: per audited request, identical answers (first line, as `ragblend calibrate`), first-token
@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ragblend.answer import Answer
-from ragblend.api import RagBlend, SearchHit
+from ragblend.api import RagBlend
 from ragblend.eval.metrics import first_line, first_token_kl
-from ragblend.storage.calibration import read_calibration
 
 log = logging.getLogger("ragblend.audit")
 RETRIES = 2  # times an audit given up for a request is tried again
@@ -176,7 +175,7 @@ class Audit:
 
     def _full_answer(self, item: Sampled) -> Answer | None:
         """Full prefill's answer to the same prompt, or None if a request arrived before it finished."""
-        contexts = item.contexts if item.contexts is not None else self._stored_chunks(item)
+        contexts = item.contexts if item.contexts is not None else self.rb.chunks(item.chunk_ids)
         stream = self.rb.query(item.question, contexts=contexts, mode="full", max_new_tokens=item.max_new_tokens,
                                stop=item.stop, stream=True, namespace=item.namespace)
         pieces = iter(stream)
@@ -185,15 +184,6 @@ class Audit:
                 pieces.close()
                 return None
         return stream.answer
-
-    def _stored_chunks(self, item: Sampled) -> list[SearchHit]:
-        """The chunks the request retrieved, as hits of the store's own records (same token ids)."""
-        store = self.rb.store
-        with store.env.begin() as txn:
-            records = [store.docs.get_chunk(txn, chunk_id) for chunk_id in item.chunk_ids]
-        if any(r is None for r in records):
-            raise ValueError("a retrieved chunk was deleted before the audit")
-        return [SearchHit(r.chunk_id, r.doc_id, 0.0, r.text, r.token_ids, r.position or 0) for r in records]
 
     def _record(self, c: Comparison) -> None:
         with self._cond:
@@ -225,7 +215,7 @@ class Audit:
 
     def target(self) -> dict | None:
         """The store's calibrated target, as the audit measures it (kept -> identical), or None."""
-        found = read_calibration(self.rb.store, self.rb.store.manifest.kv_fingerprint)
+        found = self.rb.calibration()
         if found is None:
             return None
         measure = "first_token" if found.metric == "first_token" else "identical"

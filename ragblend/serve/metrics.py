@@ -12,14 +12,15 @@ from prometheus_client import (
 )
 
 from ragblend.answer import Answer
-from ragblend.engine.batcher import BatchStats
+from ragblend.engine.loop import EngineStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    def __init__(self, queue_depth: Callable[[], int], tier_bytes: Callable[[], dict[str, int]],
-                 batches: Callable[[], BatchStats], path_bytes: Callable[[], int]):
+    def __init__(self, queue_depth: Callable[[], int], kv_bytes: Callable[[], dict[str, int]],
+                 engine: Callable[[], EngineStats]):
+        """`kv_bytes`: KV bytes per tier ("ram", "disk") and of the exact-path tree ("paths")."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ragblend_requests", "HTTP requests", ["endpoint", "status"], registry=r)
@@ -35,12 +36,12 @@ class Metrics:
                                ["source"], registry=r)
         Gauge("ragblend_queue_depth", "requests queued or running", registry=r).set_function(queue_depth)
         Gauge("ragblend_decode_batch_mean", "requests fed per decode step, on average since start",
-              registry=r).set_function(lambda: batches().tokens / max(batches().steps, 1))
+              registry=r).set_function(lambda: engine().mean_batch)
         Gauge("ragblend_exact_path_bytes", "KV bytes the exact-path tree holds in the store",
-              registry=r).set_function(path_bytes)
+              registry=r).set_function(lambda: kv_bytes()["paths"])
         tiers = Gauge("ragblend_tier_bytes", "KV bytes held per tier", ["tier"], registry=r)
         for tier in ("ram", "disk"):
-            tiers.labels(tier).set_function(lambda tier=tier: tier_bytes()[tier])
+            tiers.labels(tier).set_function(lambda tier=tier: kv_bytes()[tier])
 
     def answered(self, answer: Answer, latency_s: float) -> None:
         self.ttft.labels(answer.mode).observe(answer.ttft_s)

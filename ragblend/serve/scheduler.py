@@ -2,17 +2,16 @@
 readies what queued requests will need while the workers run earlier ones (CachedAttention's
 scheduler-aware prefetch).
 
-Continuous batching: each worker answers one request at a time, and the model's Batcher
-(ragblend.engine.batcher) runs the decode steps of all running requests as one batched step, with
-prefills between steps. So a request joins the running batch once its prefill is done and leaves it
-at its last token, and `workers` is the largest batch. The bound on prefills: while decodes wait, at
-most one prefill runs between two batched steps, so a running answer's next token waits at most one
-prefill (plus the step or prefill already running).
+A worker takes a job, submits its request to the RagBlend's engine (ragblend.engine.loop) and relays
+the answer's pieces; the engine batches the decodes of every running request into one forward per step
+and runs prefills between steps (at most one between two steps while decodes run, so a running
+answer's next token waits at most one prefill plus one step). The server makes `workers` the engine's
+`max_batch`: every running request has a worker relaying it, and the batching is the engine's.
 
 A job's `prefetch` runs on the prefetch thread while the job waits: it retrieves the request's chunks
 and warms their KV pages, and loads its session's turns into the RAM tier, protected from eviction
 until the job has run (`release`). Workers take jobs in arrival order; a job cancelled while queued
-(its client went away) is skipped, one cancelled while running stops at its next token.
+(its client went away) is skipped, one cancelled while running is dropped by the engine at its next step.
 """
 from __future__ import annotations
 

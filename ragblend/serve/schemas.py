@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ragblend.request import MODES
+from ragblend.query import MODES, Request
 from ragblend.storage.documents import DocumentError, check_unicode
 
 
@@ -99,6 +99,14 @@ class Generation(Body):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def request(self, question: str, namespace: str, contexts: list | None = None) -> Request:
+        """The Request this body asks for, streamed (the server reads every answer as a stream);
+        `contexts`: chunks retrieved ahead for it, else the body's own (None retrieves)."""
+        return Request(question, contexts=contexts if contexts is not None else self.contexts, top_k=self.top_k,
+                       mode=self.mode, recompute_ratio=self.recompute_ratio, max_new_tokens=self.new_tokens,
+                       temperature=self.temperature, stop=tuple(self.stops), stream=True, seed=self.seed,
+                       order=self.order, namespace=namespace)
 
 
 class ChatRequest(Generation):

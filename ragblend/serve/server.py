@@ -52,7 +52,8 @@ def open_warning(host: str, keys: dict[str, str | None] | None) -> str | None:
 def serve(store: str, model: str | None = None, embedder: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, keys: dict[str, str | None] | None = None, max_queue: int = 64, max_batch: int = 4,
           threads: int | None = None, prefetch: bool = True, session_ram_bytes: int = DEFAULT_RAM_BYTES,
-          decode_weights: str = "float32", kv_backend: str | None = None, audit_rate: float = 0.0) -> None:
+          decode_weights: str = "float32", kv_backend: str | None = None, audit_rate: float = 0.0,
+          decode_ram_bytes: int | None = None) -> None:
     warning = open_warning(host, keys)
     if warning:
         print(warning, file=sys.stderr)
@@ -61,8 +62,9 @@ def serve(store: str, model: str | None = None, embedder: str | None = None, hos
 
         torch.set_num_threads(threads)
     rb = RagBlend(store, model=model, embedder=embedder, session_ram_bytes=session_ram_bytes,
-                  decode_weights=decode_weights, kv_backend=kv_backend)
-    app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, max_batch=max_batch, prefetch=prefetch,
+                  decode_weights=decode_weights, kv_backend=kv_backend, max_batch=max_batch,
+                  decode_ram_bytes=decode_ram_bytes)
+    app = create_app(rb, ServeConfig(api_keys=keys or {}, max_queue=max_queue, prefetch=prefetch,
                                      audit_rate=audit_rate))
     for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful
         signal.signal(stop, lambda *_: None)      # shutdown: let that return here and exit 0

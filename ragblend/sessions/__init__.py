@@ -1,6 +1,5 @@
 """Multi-turn conversations over stored KV: a session's turns are loaded, never re-prefilled."""
 from ragblend.sessions.manager import SessionBusyError, SessionManager
 from ragblend.sessions.policy import TOPIC_MODES
-from ragblend.sessions.turn_request import TurnRequest
 
-__all__ = ["TOPIC_MODES", "SessionBusyError", "SessionManager", "TurnRequest"]
+__all__ = ["TOPIC_MODES", "SessionBusyError", "SessionManager"]

@@ -11,7 +11,7 @@ from ragblend.contexts import ContextChunk
 from ragblend.engine.selection import BlendConfig
 from ragblend.request import History, PreparedPrompt, RequestPath
 from ragblend.sessions.prefixes import Prefixes
-from ragblend.sessions.turn_request import TurnRequest
+from ragblend.query import Resolved
 from ragblend.storage.session_store import SessionRecord, SessionStore, Turn
 
 SOURCES = ("ram", "disk", "recomputed")  # where a turn's history came from, fastest first
@@ -22,19 +22,20 @@ class SessionHistory:
         self.store, self.requests, self.prefixes = store, requests, prefixes
 
     def prefill(self, record: SessionRecord, kept: list[Turn], chunks: list[ContextChunk], suffix: list[int],
-                turn: TurnRequest, reserve: int) -> tuple[PreparedPrompt, History, float]:
+                turn: Resolved, reserve: int) -> tuple[PreparedPrompt, History, float]:
         """The turn's prefill over its history, and when the history was loaded; a damaged segment is
         forgotten, its turn recomputed and the prefill retried."""
+        request = turn.request
         history = self.load(record, kept)
         loaded = time.perf_counter()
         try:
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
+            prepared = self.requests.prefill(history, chunks, suffix, request.mode, turn.blend, request.load_depth,
+                                             reserve, request.order)
         except CorruptKVError as error:
             self.store.forget_segment(record.id, error.key, kept)
             history = self.load(record, kept)
-            prepared = self.requests.prefill(history, chunks, suffix, turn.mode, turn.blend, turn.load_depth, reserve,
-                                             turn.order)
+            prepared = self.requests.prefill(history, chunks, suffix, request.mode, turn.blend, request.load_depth,
+                                             reserve, request.order)
         return prepared, history, loaded
 
     def load(self, record: SessionRecord, turns: list[Turn]) -> History:

@@ -22,12 +22,12 @@ from index.namespaces import DEFAULT_NAMESPACE, label, scoped, unscoped
 from kvchunks.chunk_kv import ChunkKV
 from ragblend.answer import Answer, AnswerStream
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.request import RequestPath
+from ragblend.request import PreparedPrompt, RequestPath
 from ragblend.sessions import policy
 from ragblend.sessions.history import SessionHistory
 from ragblend.sessions.prefixes import Prefixes
 from ragblend.sessions.saving import AnsweredTurn, TurnSaver
-from ragblend.sessions.turn_request import TurnRequest
+from ragblend.query import Resolved
 from ragblend.storage.session_store import SessionInfo, SessionRecord, SessionStore, Turn
 
 
@@ -150,7 +150,7 @@ class SessionManager:
 
     # ---- one turn -----------------------------------------------------------------------------
 
-    def send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+    def send(self, session_id: str, turn: Resolved, on_topic_switch: str, max_history_tokens: int | None,
              stream: bool) -> Answer | AnswerStream:
         """One turn, holding the session's lock until the answer is done (a stream: until it is exhausted
         or closed). A turn that finds another one running waits `busy_wait_s`, then raises SessionBusyError."""
@@ -168,21 +168,31 @@ class SessionManager:
             lock.release()
         return result
 
-    def _send(self, session_id: str, turn: TurnRequest, on_topic_switch: str, max_history_tokens: int | None,
+    def _send(self, session_id: str, turn: Resolved, on_topic_switch: str, max_history_tokens: int | None,
               stream: bool, release: Callable[[], None]) -> Answer | AnswerStream:
         record = self.store.get(session_id)
         template, _ = self.prefix(record.system)
         start = time.perf_counter()
-        embedding = self.embed(turn.question) if on_topic_switch == "drop" else None
+        question = turn.request.question
+        embedding = self.embed(question) if on_topic_switch == "drop" else None
         switched = embedding is not None and policy.off_topic(record.turns, turn.chunks, embedding)
         kept, chunks, suffix = policy.plan(template, [] if switched else list(record.turns), turn,
                                            self.model.max_positions, max_history_tokens)
-        reserve = turn.sampling.max_new_tokens + len(template.joint_ids)
-        prepared, history, loaded = self.history.prefill(record, kept, chunks, suffix, turn, reserve)
-        prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=loaded - start,
-                                history_source=history.source, topic_switch=float(switched),
-                                retrieve_s=turn.retrieve_s)
-        prepared.timings["ttft_s"] += loaded - start
-        done = AnsweredTurn(session_id, prepared, chunks, turn.question, embedding, {t.segment for t in kept}, template)
-        answer = self.requests.answer(prepared, turn.mode, turn.sampling, stream, on_finish=self.saver.on_finish(done))
+        reserve = turn.request.max_new_tokens + len(template.joint_ids)
+        planned = time.perf_counter() - start
+
+        def prefill() -> PreparedPrompt:  # on the engine loop: it must not submit to the engine itself
+            began = time.perf_counter()
+            prepared, history, loaded = self.history.prefill(record, kept, chunks, suffix, turn, reserve)
+            prepared.timings.update(history_tokens=len(history.token_ids), history_load_s=planned + loaded - began,
+                                    history_source=history.source, topic_switch=float(switched),
+                                    retrieve_s=turn.retrieve_s)
+            prepared.timings["ttft_s"] += planned + loaded - began
+            return prepared
+
+        done = AnsweredTurn(session_id, chunks, question, embedding, {t.segment for t in kept}, template)
+        prompt_tokens = (len(template.prefix_ids) + sum(len(t.token_ids) for t in kept)
+                         + sum(len(c.token_ids) for c in chunks) + len(suffix))
+        answer = self.requests.answer(prefill, turn.request.sampling, stream, prompt_tokens,
+                                      on_finish=self.saver.on_finish(done))
         return AnswerStream(answer, lambda _text: answer.answer, on_close=release) if stream else answer

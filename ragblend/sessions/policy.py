@@ -6,7 +6,7 @@ import numpy as np
 
 from ragblend.contexts import ContextChunk
 from ragblend.engine.prompt import PromptTemplate
-from ragblend.sessions.turn_request import TurnRequest
+from ragblend.query import Resolved
 from ragblend.storage.session_store import Turn
 
 TOPIC_SIMILARITY = 0.2  # below this cosine to every recent question+answer (and no shared chunk): off-topic
@@ -23,14 +23,14 @@ def off_topic(turns: list[Turn], chunks: list[ContextChunk], embedding: np.ndarr
     return bool(earlier) and max(float(np.dot(embedding, e)) for e in earlier) < TOPIC_SIMILARITY
 
 
-def plan(template: PromptTemplate, turns: list[Turn], turn: TurnRequest, max_positions: int,
+def plan(template: PromptTemplate, turns: list[Turn], turn: Resolved, max_positions: int,
          max_history_tokens: int | None) -> tuple[list[Turn], list[ContextChunk], list[int]]:
     """The turns kept in the prompt, the new chunks (those not in them already) and the question suffix."""
     in_history = {c for t in turns for c in t.chunk_ids}
     chunks = unique([c for c in turn.chunks if c.chunk_id not in in_history])
-    suffix = template.suffix_ids(turn.question)
+    suffix = template.suffix_ids(turn.request.question)
     new_tokens = sum(len(c.token_ids) for c in chunks) + len(suffix)
-    window = max_positions - new_tokens - turn.sampling.max_new_tokens - len(template.joint_ids)
+    window = max_positions - new_tokens - turn.request.max_new_tokens - len(template.joint_ids)
     budget = min(window, max_history_tokens) if max_history_tokens is not None else window
     return fit(turns, budget - len(template.prefix_ids)), chunks, suffix
 

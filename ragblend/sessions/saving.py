@@ -18,7 +18,6 @@ from index.namespaces import label, unscoped
 from kvchunks.chunk_kv import cache_layers
 from ragblend.answer import Answer
 from ragblend.contexts import ContextChunk
-from ragblend.engine.fusion import Prefill
 from ragblend.engine.generate import feed
 from ragblend.engine.prompt import PromptTemplate
 from ragblend.request import PreparedPrompt, RequestPath
@@ -30,7 +29,6 @@ class AnsweredTurn:
     """What a turn's save needs from its `send`."""
 
     session_id: str
-    prepared: PreparedPrompt
     chunks: list[ContextChunk]  # the new ones (not already in the history)
     question: str
     embedding: np.ndarray | None  # the question's, when topic switches are checked
@@ -47,8 +45,8 @@ class TurnSaver:
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
 
-    def on_finish(self, turn: AnsweredTurn) -> Callable[[Answer, Prefill], None]:
-        """The callback the request path calls with the finished answer and the cache it grew."""
+    def on_finish(self, turn: AnsweredTurn) -> Callable[[Answer, PreparedPrompt], None]:
+        """The callback the request path calls with the finished answer and the prompt whose cache it grew."""
         return partial(self._commit, turn)
 
     def wait(self, session_id: str | None = None) -> None:
@@ -63,9 +61,9 @@ class TurnSaver:
         """Finish every pending write; nothing acknowledged is lost."""
         self._writer.shutdown(wait=True)
 
-    def _commit(self, done: AnsweredTurn, answer: Answer, prefill: Prefill) -> None:
+    def _commit(self, done: AnsweredTurn, answer: Answer, prepared: PreparedPrompt) -> None:
         history_len = int(answer.timings["history_tokens"])
-        tokens = list(done.prepared.layout.token_ids[history_len:]) + answer.token_ids + list(done.template.joint_ids)
+        tokens = list(prepared.layout.token_ids[history_len:]) + answer.token_ids + list(done.template.joint_ids)
         store = self.store
         with store.env.begin(write=True) as txn:
             record = store.read(txn, done.session_id)
@@ -78,7 +76,7 @@ class TurnSaver:
             kept = [t for t in record.turns if t.segment in done.kept]
             record = replace(record, turns=[*kept, turn], next_segment=turn.segment + 1, last_used=time.time())
             store.write(txn, record)
-        future = self._writer.submit(self._write, done.session_id, answer, prefill.cache, history_len, turn)
+        future = self._writer.submit(self._write, done.session_id, answer, prepared.prefill.cache, history_len, turn)
         with self._lock:
             self._pending[done.session_id] = future
 
