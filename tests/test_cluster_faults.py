@@ -60,6 +60,23 @@ def kv_keys(rb: RagBlend, chunk_id: str) -> list[bytes]:
     return [env.data_key(b"kvmeta", meta_key)] + [env.data_key(b"kv", meta_key + b"/%04d" % i) for i in range(layers)]
 
 
+class Asker(threading.Thread):
+    """Asks QUESTION again and again on its own thread, `times` times or until `stop` is set, keeping every
+    answer and every error."""
+
+    def __init__(self, rb: RagBlend, times: int | None = None):
+        super().__init__()
+        self.rb, self.times, self.stop = rb, times, threading.Event()
+        self.answers, self.errors = [], []
+
+    def run(self) -> None:
+        while not self.stop.is_set() and (self.times is None or len(self.answers) + len(self.errors) < self.times):
+            try:
+                self.answers.append(self.rb.query(QUESTION, top_k=TOP_K, max_new_tokens=6))
+            except Exception as exc:  # noqa: BLE001 - collected for the test's assertions
+                self.errors.append(exc)
+
+
 def node_of(rb: RagBlend, cluster: RedisClusterProcess, key: bytes):
     return cluster.node(rb.store.env.client.get_node_from_key(key).port)
 
@@ -82,22 +99,13 @@ def test_a_query_answers_while_a_node_is_killed_and_hits_again_once_it_is_restar
     global_port = rb.store.env.client.get_node_from_key(rb.store.env.lock_key).port
     victim = next(node_of(rb, cluster, kv_keys(rb, c.chunk_id)[0]) for c in expected.chunks
                   if node_of(rb, cluster, kv_keys(rb, c.chunk_id)[0]).port != global_port)
-    answers, errors = [], []
-
-    def ask():
-        for _ in range(6):
-            try:
-                answers.append(rb.query(QUESTION, top_k=TOP_K, max_new_tokens=6))
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
-                errors.append(exc)
-
-    asker = threading.Thread(target=ask)
+    asker = Asker(rb, times=6)
     asker.start()
     time.sleep(0.3)
     victim.kill()  # SIGKILL mid-query: no replica holds its slots
     asker.join(timeout=300)
-    assert errors == [] and [a.text for a in answers] == [expected.text] * 6
-    assert answers[-1].timings["kv_misses"] > 0  # the dead node's KV was recomputed, not waited for
+    assert asker.errors == [] and [a.text for a in asker.answers] == [expected.text] * 6
+    assert asker.answers[-1].timings["kv_misses"] > 0  # the dead node's KV was recomputed, not waited for
     victim.start()
     cluster.wait_until_serving()
     deadline = time.monotonic() + 30
@@ -117,16 +125,7 @@ def test_slots_resharded_while_a_replica_serves_lose_nothing_and_cost_no_recompu
     client = rb.store.env.client
     slots = sorted({client.keyslot(rb.store.env.lock_key)}
                    | {client.keyslot(kv_keys(rb, c.chunk_id)[0]) for c in expected.chunks})
-    done, answers, errors = threading.Event(), [], []
-
-    def ask():
-        while not done.is_set():
-            try:
-                answers.append(rb.query(QUESTION, top_k=TOP_K, max_new_tokens=6))
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
-                errors.append(exc)
-
-    asker = threading.Thread(target=ask)
+    asker = Asker(rb)
     asker.start()
     try:
         for slot in slots:
@@ -135,9 +134,10 @@ def test_slots_resharded_while_a_replica_serves_lose_nothing_and_cost_no_recompu
             cluster.move_slot(slot, target, keys_per_step=1, pause_s=0.02)
             assert cluster.owner(slot).port == target.port
     finally:
-        done.set()
+        asker.stop.set()
         asker.join(timeout=300)
-    assert errors == [] and len(answers) >= 2
+    answers = asker.answers
+    assert asker.errors == [] and len(answers) >= 2
     assert {a.text for a in answers} == {expected.text}
     assert [a.timings["kv_misses"] for a in answers] == [0] * len(answers)  # loaded, never recomputed
     assert chunk_records(rb) == before and rb.store.check() == []
