@@ -235,7 +235,7 @@ class RequestPath:
                                           for s in layout.spans[1:stored_spans]]
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.env, sources, len(layout), cos, sin, self.model.num_layers,
-                             self.model.dtype, self.model.device, depth)
+                             self.model.dtype, self.model.device, depth, self.engine.rope_of_layer)
         fuse = blend if mode == "blend" and len(layout.spans) > 1 else None
         try:
             prefill = self.engine.prefill(layout, loader, layout.spans[stored_spans - 1].end, cos, sin, fuse)
@@ -292,7 +292,7 @@ class RequestPath:
         """Rows [start, end) of per-layer cache tensors as a stored span: keys back to pre-RoPE, fp16 on the
         CPU (sessions' turns and the tree's nodes alike)."""
         cos, sin = self.engine.rotary(end)
-        cos, sin = cos[:, start:end], sin[:, start:end]
-        keys = torch.stack([unrotate(k[0, :, start:end], cos, sin) for k, _ in layers])
+        keys = torch.stack([unrotate(k[0, :, start:end], cos[t:t + 1, start:end], sin[t:t + 1, start:end])
+                            for (k, _), t in zip(layers, self.engine.rope_of_layer)])
         values = torch.stack([v[0, :, start:end] for _, v in layers])
         return ChunkKV(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))

@@ -1,0 +1,193 @@
+"""The decoder, defined once over a Hugging Face model's weights: every path runs these layers.
+
+A layer's forward takes hidden rows, their positions' cos/sin (the table of the layer's type) and an
+attention target, which decides which keys the rows see:
+- RowsOverCache: the rows' fresh K/V are scattered into a full per-layer cache and the rows attend over
+  it causally on their original positions (engine/attention.py). Fused prefill (stored KV in the other
+  rows), full prefill (every row computed) and precompute (spans behind a stored prompt prefix, which
+  also records the rows' pre-RoPE K and V) are all this target.
+- DecodeCaches (engine/decode_step.py): one new token per request over that request's growing cache.
+The family (engine/family.py) is data: norms, q/k norm, scales, activation, sliding windows, RoPE per
+layer type. Hugging Face's own forward stays only as the reference the tests compare against.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+from kvchunks.rope import apply_rope, rotary_cos_sin
+from ragblend.engine.attention import RowPlan, rows_attention
+from ragblend.engine.family import Family
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+LinearLayout = Callable[[list[nn.Linear]], Linear]  # how a layer lays out Linears that share an input
+
+
+def joined_linear(modules: list[nn.Linear]) -> Linear:
+    """The modules' outputs side by side, each module run as it is (prefill: many rows, torch's matmul)."""
+    if len(modules) == 1:
+        return modules[0]
+    return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm module's arithmetic without its per-call dtype round trips. Llama scales in the input's
+    dtype; Gemma scales by (1 + weight) in float32 first (transformers PR 29402): equal in float32."""
+
+    weight: torch.Tensor
+    eps: float
+    offset: float
+
+    @classmethod
+    def of(cls, module: nn.Module, offset: float) -> Norm:
+        eps = getattr(module, "variance_epsilon", None)
+        return cls(module.weight, module.eps if eps is None else eps, offset)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (y * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * y.to(x.dtype)
+
+
+@dataclass
+class Projection:
+    """A layer's queries, keys (post-RoPE and, for stored KV, pre-RoPE) and values: [..., n, heads, head_dim]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_pre: torch.Tensor
+
+
+class Layer:
+    """One decoder layer. `linear` lays out its Linear weights: as they are for prefill, packed or
+    quantised for decode (engine/decode_step.py), so the arithmetic around them is written once."""
+
+    def __init__(self, layer: nn.Module, family: Family, index: int, head_dim: int, linear: LinearLayout):
+        attention, mlp, offset = layer.self_attn, layer.mlp, family.norm_offset
+        self.index, self.head_dim, self.window = index, head_dim, family.window(index)
+        self.rope, self.scale = family.rope_of_layer[index], family.attention_scale
+        self.input_norm = Norm.of(layer.input_layernorm, offset)
+        if family.sandwich:
+            self.attention_out_norm = Norm.of(layer.post_attention_layernorm, offset)
+            self.mlp_norm = Norm.of(layer.pre_feedforward_layernorm, offset)
+            self.mlp_out_norm = Norm.of(layer.post_feedforward_layernorm, offset)
+        else:
+            self.attention_out_norm = self.mlp_out_norm = None
+            self.mlp_norm = Norm.of(layer.post_attention_layernorm, offset)
+        self.q_norm = Norm.of(attention.q_norm, offset) if family.qk_norm else None
+        self.k_norm = Norm.of(attention.k_norm, offset) if family.qk_norm else None
+        self.qkv = linear([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj, self.down = linear([attention.o_proj]), linear([mlp.down_proj])
+        self.gate_up = linear([mlp.gate_proj, mlp.up_proj])
+        self.act = ACT2FN[family.activation]
+        self.q_heads, self.kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+        self.qk_width = attention.q_proj.out_features + attention.k_proj.out_features
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                target: Callable[[Layer, Projection], torch.Tensor]) -> torch.Tensor:
+        """hidden [..., n, hidden]; cos/sin [..., n, head_dim] of this layer's RoPE; `target` attends."""
+        attended = target(self, self.project(self.input_norm(hidden), cos, sin))
+        return self.finish(hidden, attended)
+
+    __call__ = forward
+
+    def project(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Projection:
+        qkv = self.qkv(normed)
+        qk = qkv[..., :self.qk_width].unflatten(-1, (-1, self.head_dim))  # query heads, then key heads
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[..., :self.q_heads, :]), self.k_norm(qk[..., self.q_heads:, :])], -2)
+        k_pre = qk[..., self.q_heads:, :]
+        qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))  # queries and keys in one go
+        v = qkv[..., self.qk_width:].unflatten(-1, (-1, self.head_dim))
+        return Projection(qk[..., :self.q_heads, :], qk[..., self.q_heads:, :], v, k_pre)
+
+    def finish(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention's output [..., n, heads * head_dim] and the MLP."""
+        out = self.o_proj(attended)
+        if self.attention_out_norm is not None:
+            out = self.attention_out_norm(out)
+        hidden = hidden + out
+        gate, up = self.gate_up(self.mlp_norm(hidden)).chunk(2, dim=-1)
+        out = self.down(self.act(gate) * up)
+        if self.mlp_out_norm is not None:
+            out = self.mlp_out_norm(out)
+        return hidden + out
+
+
+class RowsOverCache:
+    """Attention target: the plan's rows write their fresh K/V into `caches[layer]` (full [batch, kv_heads,
+    >= last row + 1, head_dim] tensors, stored KV in the other rows) and attend over it causally on their
+    positions. With `captured`, each layer's pre-RoPE K and V of the rows are appended (precompute)."""
+
+    def __init__(self, plan: RowPlan, caches: list, captured: list | None = None):
+        self.plan, self.caches, self.captured = plan, caches, captured
+
+    def __call__(self, layer: Layer, p: Projection) -> torch.Tensor:
+        keys, values = self.caches[layer.index]
+        rows, end = self.plan.rows, int(self.plan.rows[-1]) + 1
+        keys[:, :, rows] = p.k.transpose(-3, -2)
+        values[:, :, rows] = p.v.transpose(-3, -2)
+        if self.captured is not None:
+            self.captured.append((p.k_pre.transpose(-3, -2), p.v.transpose(-3, -2)))
+        out = rows_attention(p.q.transpose(-3, -2), keys[:, :, :end], values[:, :, :end], self.plan, layer.scale,
+                             layer.window)
+        return out.flatten(-2)
+
+
+class Transformer(nn.Module):
+    """A LoadedModel's decoder over the HF model's own parameters (nothing is copied). Calling it runs
+    every layer over a RowsOverCache target: what precompute and full prefill do; fused prefill steps
+    the layers itself (a layer's stored KV arrives while the one before runs)."""
+
+    def __init__(self, model: PreTrainedModel, family: Family, head_dim: int):
+        super().__init__()
+        body = model.base_model
+        self.family, self.head_dim = family, head_dim
+        self.embed_tokens, self.norm, self.rotary_emb, self.lm_head = body.embed_tokens, body.norm, body.rotary_emb, \
+            model.lm_head
+        self.final_norm = Norm.of(body.norm, family.norm_offset)
+        self.layers = [Layer(layer, family, index, head_dim, joined_linear) for index, layer in enumerate(body.layers)]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        hidden = F.embedding(ids, weight)
+        if self.family.embed_scale is None:
+            return hidden
+        return hidden * torch.tensor(self.family.embed_scale, dtype=weight.dtype, device=weight.device)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of 1-D `positions` for every RoPE table: [tables, n, head_dim] (a layer reads
+        table `family.rope_of_layer[layer]`); computed by the model's own rotary module, so scaled
+        variants stay exact."""
+        dtype, family = self.embed_tokens.weight.dtype, self.family
+        if not family.per_type_rope:
+            return rotary_cos_sin(self.rotary_emb, positions, dtype)
+        tables = [rotary_cos_sin(self.rotary_emb, positions, dtype, layer_type) for layer_type in family.rope_types]
+        return torch.cat([cos for cos, _ in tables]), torch.cat([sin for _, sin in tables])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the rows of `hidden` (after the final norm): [..., vocab] in float32."""
+        return self.capped(self.lm_head(self.final_norm(hidden)).float())
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.family.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def forward(self, input_ids: torch.Tensor, plan: RowPlan, caches: list, cos: torch.Tensor, sin: torch.Tensor,
+                captured: list | None = None) -> torch.Tensor:
+        """input_ids [batch, n] at the plan's positions; cos/sin as `rope` gives them for those positions.
+        Returns the last hidden state [batch, n, hidden] (before the final norm)."""
+        hidden, target = self.embed(input_ids), RowsOverCache(plan, caches, captured)
+        for layer in self.layers:
+            hidden = layer(hidden, cos[layer.rope:layer.rope + 1], sin[layer.rope:layer.rope + 1], target)
+        return hidden
