@@ -154,6 +154,6 @@ class FusionEngine:
         caches = [(with_spare_rows(shape, dtype, device), with_spare_rows(shape, dtype, device))
                   for _ in range(self.model.num_layers)]
         cos, sin = self.rotary(length)
-        hidden = self.decoder(layout.ids_tensor(device)[None], RowPlan(torch.arange(length, device=device)), caches,
-                              cos, sin)
+        target = RowsOverCache(RowPlan(torch.arange(length, device=device)), caches)
+        hidden = self.decoder(layout.ids_tensor(device)[None], cos, sin, target)
         return Prefill(self._logits(hidden), decode_cache(caches), length)

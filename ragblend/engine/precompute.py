@@ -15,7 +15,7 @@ import torch
 from kvchunks.chunk_kv import ChunkKV
 from kvchunks.rope import apply_rope
 from ragblend.engine.attention import RowPlan
-from ragblend.engine.transformer import Transformer
+from ragblend.engine.transformer import RowsOverCache, Transformer
 
 
 class PrefixCaches:
@@ -55,7 +55,7 @@ def compute_kv(decoder: Transformer, token_batches: Sequence[Sequence[int]], pre
     cos, sin = decoder.rope(positions)
     caches = PrefixCaches(decoder, prefix, len(lengths), start + width, cos, sin)
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    decoder(input_ids, RowPlan(positions[start:]), caches, cos[:, start:], sin[:, start:], captured)
+    decoder(input_ids, cos[:, start:], sin[:, start:], RowsOverCache(RowPlan(positions[start:]), caches, captured))
     keys = torch.stack([k for k, _ in captured], dim=1)  # [b, L, h, s, d]
     values = torch.stack([v for _, v in captured], dim=1)
     return [ChunkKV(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]

@@ -6,6 +6,8 @@ attention target, which decides which keys the rows see:
   it causally on their original positions (engine/attention.py). Fused prefill (stored KV in the other
   rows), full prefill (every row computed) and precompute (spans behind a stored prompt prefix, which
   also records the rows' pre-RoPE K and V) are all this target.
+- Appended: rows right after a decode cache's end grow it and attend over it (a conversation's answer
+  fed back into its cache).
 - DecodeCaches (engine/decode_step.py): one new token per request over that request's growing cache.
 The family (engine/family.py) is data: norms, q/k norm, scales, activation, sliding windows, RoPE per
 layer type. Hugging Face's own forward stays only as the reference the tests compare against.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from kvchunks.rope import apply_rope, rotary_cos_sin
@@ -144,9 +146,21 @@ class RowsOverCache:
         return out.flatten(-2)
 
 
+class Appended:
+    """Attention target: rows right after a cache's last position are appended to it (it grows by
+    them) and attend over it causally."""
+
+    def __init__(self, cache: DynamicCache, plan: RowPlan):
+        self.cache, self.plan = cache, plan
+
+    def __call__(self, layer: Layer, p: Projection) -> torch.Tensor:
+        keys, values = self.cache.update(p.k.transpose(-3, -2), p.v.transpose(-3, -2), layer.index)
+        return rows_attention(p.q.transpose(-3, -2), keys, values, self.plan, layer.scale, layer.window).flatten(-2)
+
+
 class Transformer(nn.Module):
     """A LoadedModel's decoder over the HF model's own parameters (nothing is copied). Calling it runs
-    every layer over a RowsOverCache target: what precompute and full prefill do; fused prefill steps
+    every layer over one attention target: precompute, full prefill and `extend` do; fused prefill steps
     the layers itself (a layer's stored KV arrives while the one before runs)."""
 
     def __init__(self, model: PreTrainedModel, family: Family, head_dim: int):
@@ -183,11 +197,20 @@ class Transformer(nn.Module):
         cap = self.family.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def forward(self, input_ids: torch.Tensor, plan: RowPlan, caches: list, cos: torch.Tensor, sin: torch.Tensor,
-                captured: list | None = None) -> torch.Tensor:
-        """input_ids [batch, n] at the plan's positions; cos/sin as `rope` gives them for those positions.
-        Returns the last hidden state [batch, n, hidden] (before the final norm)."""
-        hidden, target = self.embed(input_ids), RowsOverCache(plan, caches, captured)
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                target: Callable[[Layer, Projection], torch.Tensor]) -> torch.Tensor:
+        """input_ids [batch, n]; cos/sin as `rope` gives them for the ids' positions. Returns the last
+        hidden state [batch, n, hidden] (before the final norm)."""
+        hidden = self.embed(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, cos[layer.rope:layer.rope + 1], sin[layer.rope:layer.rope + 1], target)
         return hidden
+
+    @torch.inference_mode()
+    def extend(self, cache: DynamicCache, token_ids: list[int], start: int) -> torch.Tensor:
+        """Run `token_ids` at positions start.. over `cache` (holding positions < start; it grows by them):
+        the last one's next-token logits [vocab]."""
+        positions = torch.arange(start, start + len(token_ids), device=self.embed_tokens.weight.device)
+        cos, sin = self.rope(positions)
+        hidden = self(positions.new_tensor(token_ids)[None], cos, sin, Appended(cache, RowPlan(positions)))
+        return self.logits(hidden[0, -1])
