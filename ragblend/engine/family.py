@@ -12,6 +12,8 @@ from transformers import PreTrainedModel
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 SANDWICH_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma's norms around the MLP
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, SmolLM and Gemma 3 text"
 
@@ -42,8 +44,12 @@ class Family:
     def of(cls, model: PreTrainedModel) -> Family:
         """The family of an HF causal LM, or UnsupportedModelError naming what does not fit."""
         config, name = model.config, type(model).__name__
-        layers = model.base_model.layers
+        layers = getattr(model.base_model, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(f"{name} has no Llama-style decoder layers; ragblend supports {SUPPORTED}")
         missing = [part for part in LAYER_PARTS if not hasattr(layers[0], part)]
+        missing += [f"self_attn.{p}" for p in ATTENTION_PARTS if not hasattr(getattr(layers[0], "self_attn", None), p)]
+        missing += [f"mlp.{p}" for p in MLP_PARTS if not hasattr(getattr(layers[0], "mlp", None), p)]
         if missing:
             raise UnsupportedModelError(f"{name}'s decoder layers lack {missing}; ragblend supports {SUPPORTED}")
         if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped attention scores
