@@ -18,6 +18,7 @@ from index.docstore import ChunkRecord
 from ragblend.engine.precompute import compute_kv
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
+from ragblend.engine.layout import PromptLayout
 from ragblend.engine.model import LoadedModel
 
 # gemma3's window (16) is shorter than the prompt prefix: every chunk sits past it on its sliding layers.
@@ -140,6 +141,18 @@ def test_prefix_kv_matches_the_model_cache_of_the_prefix(ingested):
     for layer in range(m.num_layers):
         assert_matches_fp32(rotate_to(prefix.keys[layer], m, 0, layer), cache.layers[layer].keys[0, :, : ingested.P])
         assert_matches_fp32(prefix.values[layer], cache.layers[layer].values[0, :, : ingested.P])
+
+
+def test_cache_rows_stored_by_sessions_and_paths_are_the_pre_rope_kv(ingested):
+    """A conversation's turn and a path node are rows of a prefill's cache with RoPE undone by each layer's
+    own table: the same KV as the chunk's precompute."""
+    chunk, requests = ingested.chunks[1], ingested.rb.requests
+    layout = PromptLayout.build(tuple(ingested.prefix_ids), [(chunk.chunk_id, tuple(chunk.token_ids))], [])
+    cache = requests.engine.full_prefill(layout).cache
+    segment = requests.segment([(layer.keys, layer.values) for layer in cache.layers], ingested.P, len(layout))
+    stored = ingested.rb.store.kv.load(chunk.chunk_id)
+    assert_matches_fp16(segment.keys, stored.keys)
+    assert_matches_fp16(segment.values, stored.values)
 
 
 def test_batched_precompute_with_padding_equals_one_chunk_at_a_time(ingested):
