@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hf_forward, save_model_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ragblend.engine.decode_attention import MIN_PART_KEYS, decode_attention
 from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.model import load_model
-from conftest import hf_forward, save_model_dir
 
 
 @pytest.fixture

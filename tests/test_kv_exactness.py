@@ -15,11 +15,11 @@ import torch
 from conftest import hf_forward
 
 from index.docstore import ChunkRecord
-from ragblend.engine.precompute import compute_kv
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
 from ragblend.engine.layout import PromptLayout
 from ragblend.engine.model import LoadedModel
+from ragblend.engine.precompute import compute_kv
 
 # gemma3's window (16) is shorter than the prompt prefix: every chunk sits past it on its sliding layers.
 KINDS = ["llama", "llama_mha", "qwen2", "qwen3", "mistral", "llama3_rope", "gemma3"]

@@ -10,14 +10,14 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import lmdb
 import torch
 
-from kvchunks.kvstore import StoredKV
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import StoredKV
 from kvchunks.rope import rotate_in_place
 from ragblend.engine.decode_cache import with_spare_rows
 

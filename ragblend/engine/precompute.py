@@ -8,7 +8,7 @@ a row never sees the padding after it, so a span's KV is the same alone or batch
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
