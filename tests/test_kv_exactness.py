@@ -125,7 +125,7 @@ def test_compute_kv_before_storage_matches_the_model_cache_to_float32_precision(
     m = ingested.model
     prefix = ingested.rb.ingestor.spans.prefix_kv
     for chunk in ingested.chunks:
-        [kv] = compute_kv(m.decoder, [chunk.token_ids], prefix, m.head_dim)
+        [kv] = compute_kv(m.decoder, [chunk.token_ids], prefix)
         assert kv.keys.dtype == torch.float32
         cache = ingested.reference_cache(chunk)
         for layer in range(m.num_layers):
@@ -160,9 +160,9 @@ def test_batched_precompute_with_padding_equals_one_chunk_at_a_time(ingested):
     prefix = ingested.rb.ingestor.spans.prefix_kv
     token_lists = [c.token_ids for c in ingested.chunks]
     assert len({len(t) for t in token_lists}) > 1, "chunks of different lengths exercise the padding"
-    batched = compute_kv(m.decoder, token_lists, prefix, m.head_dim)
+    batched = compute_kv(m.decoder, token_lists, prefix)
     for tokens, kv in zip(token_lists, batched):
-        [alone] = compute_kv(m.decoder, [tokens], prefix, m.head_dim)
+        [alone] = compute_kv(m.decoder, [tokens], prefix)
         assert kv.num_tokens == len(tokens)
         assert_matches_fp32(kv.keys, alone.keys)
         assert_matches_fp32(kv.values, alone.values)
@@ -173,7 +173,7 @@ def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
     import threading
 
     ids = list(range(100, 140))
-    alone = compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0]
+    alone = compute_kv(tiny_model.decoder, [ids], None)[0]
     stop = threading.Event()
 
     def other_requests():
@@ -184,7 +184,7 @@ def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
     thread = threading.Thread(target=other_requests)
     thread.start()
     try:
-        during = [compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0] for _ in range(20)]
+        during = [compute_kv(tiny_model.decoder, [ids], None)[0] for _ in range(20)]
     finally:
         stop.set()
         thread.join()

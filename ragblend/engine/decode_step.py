@@ -13,6 +13,7 @@ weight-only kernels (weight_only.py), whose rows are independent too, and the ex
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,7 +58,8 @@ class DecodeStep:
     def __init__(self, loaded: LoadedModel):
         decoder, weights = loaded.decoder, loaded.decode_weights
         self.decoder = decoder
-        self.layers = [Layer(layer, decoder.family, index, loaded.head_dim, lambda modules: fused_linear(modules, weights))
+        layout = partial(fused_linear, weights=weights)
+        self.layers = [Layer(layer, decoder.family, index, loaded.head_dim, layout)
                        for index, layer in enumerate(loaded.model.base_model.layers)]
         head, quantized = decoder.lm_head, weights != "float32"
         self.lm_head = ExactGreedyHead(head.weight, head.bias) if quantized else fused_linear([head])

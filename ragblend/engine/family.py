@@ -16,6 +16,7 @@ ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 SANDWICH_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma's norms around the MLP
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, SmolLM and Gemma 3 text"
+GEMMA3 = "gemma3_text"  # Gemma's (1 + weight) norms
 
 
 class UnsupportedModelError(ValueError):
@@ -43,40 +44,45 @@ class Family:
     @classmethod
     def of(cls, model: PreTrainedModel) -> Family:
         """The family of an HF causal LM, or UnsupportedModelError naming what does not fit."""
-        config, name = model.config, type(model).__name__
-        layers = getattr(model.base_model, "layers", None)
-        if layers is None:
-            raise UnsupportedModelError(f"{name} has no Llama-style decoder layers; ragblend supports {SUPPORTED}")
-        missing = [part for part in LAYER_PARTS if not hasattr(layers[0], part)]
-        missing += [f"self_attn.{p}" for p in ATTENTION_PARTS if not hasattr(getattr(layers[0], "self_attn", None), p)]
-        missing += [f"mlp.{p}" for p in MLP_PARTS if not hasattr(getattr(layers[0], "mlp", None), p)]
-        if missing:
-            raise UnsupportedModelError(f"{name}'s decoder layers lack {missing}; ragblend supports {SUPPORTED}")
-        if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2: soft-capped attention scores
-            raise UnsupportedModelError(f"{name} soft-caps attention logits, which ragblend's attention kernels "
-                                        f"do not; ragblend supports {SUPPORTED}")
-        if getattr(config, "use_bidirectional_attention", False):
-            raise UnsupportedModelError(f"{name} attends bidirectionally; ragblend supports causal {SUPPORTED}")
-        sandwich = all(hasattr(layers[0], part) for part in SANDWICH_PARTS)
-        if not sandwich and any(hasattr(layers[0], part) for part in SANDWICH_PARTS):
-            raise UnsupportedModelError(f"{name} has only some of Gemma's sandwich norms; ragblend supports {SUPPORTED}")
-        gemma = config.model_type.startswith("gemma")
-        if gemma and config.model_type != "gemma3_text":
-            raise UnsupportedModelError(f"{name} ({config.model_type}) is not Gemma 3 text; ragblend supports {SUPPORTED}")
+        _check_describable(model)
+        config, body = model.config, model.base_model
+        layer = body.layers[0]
         layer_types = _layer_types(model)
-        per_type_rope = hasattr(model.base_model.rotary_emb, "rope_type") and isinstance(
-            model.base_model.rotary_emb.rope_type, dict)
+        per_type_rope = isinstance(getattr(body.rotary_emb, "rope_type", None), dict)  # {layer type: RoPE type}
         rope_types = tuple(sorted(set(layer_types))) if per_type_rope else (FULL,)
-        attention = layers[0].self_attn
-        embed_scale = getattr(model.base_model.embed_tokens, "scalar_embed_scale", None)
         return cls(
-            sandwich=sandwich, norm_offset=1.0 if gemma else 0.0, qk_norm=hasattr(attention, "q_norm"),
-            attention_scale=float(attention.scaling), embed_scale=embed_scale,
-            activation=getattr(config, "hidden_activation", None) or config.hidden_act,
-            layer_types=layer_types,
-            sliding_window=int(config.sliding_window) if SLIDING in layer_types else None,
-            rope_types=rope_types, rope_of_layer=tuple(rope_types.index(t) if per_type_rope else 0 for t in layer_types),
+            sandwich=hasattr(layer, SANDWICH_PARTS[0]), norm_offset=1.0 if config.model_type == GEMMA3 else 0.0,
+            qk_norm=hasattr(layer.self_attn, "q_norm"), attention_scale=float(layer.self_attn.scaling),
+            embed_scale=getattr(body.embed_tokens, "scalar_embed_scale", None),
+            activation=getattr(config, "hidden_activation", None) or config.hidden_act, layer_types=layer_types,
+            sliding_window=int(config.sliding_window) if SLIDING in layer_types else None, rope_types=rope_types,
+            rope_of_layer=tuple(rope_types.index(t) if per_type_rope else 0 for t in layer_types),
             per_type_rope=per_type_rope, final_softcap=getattr(config, "final_logit_softcapping", None))
+
+
+def _check_describable(model: PreTrainedModel) -> None:
+    """Refuse what the layer definition does not compute: other layer shapes, soft-capped or bidirectional
+    attention, Gemma generations other than 3."""
+    config, name = model.config, type(model).__name__
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"{name} has no Llama-style decoder layers; ragblend supports {SUPPORTED}")
+    layer = layers[0]
+    missing = [part for part in LAYER_PARTS if not hasattr(layer, part)]
+    missing += [f"self_attn.{part}" for part in ATTENTION_PARTS if not hasattr(getattr(layer, "self_attn", None), part)]
+    missing += [f"mlp.{part}" for part in MLP_PARTS if not hasattr(getattr(layer, "mlp", None), part)]
+    if missing:
+        raise UnsupportedModelError(f"{name}'s decoder layers lack {missing}; ragblend supports {SUPPORTED}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2
+        raise UnsupportedModelError(f"{name} soft-caps attention logits, which ragblend's attention kernels do not; "
+                                    f"ragblend supports {SUPPORTED}")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{name} attends bidirectionally; ragblend supports causal {SUPPORTED}")
+    if config.model_type.startswith("gemma") and config.model_type != GEMMA3:
+        raise UnsupportedModelError(f"{name} ({config.model_type}) is not Gemma 3 text; ragblend supports {SUPPORTED}")
+    sandwich = [hasattr(layer, part) for part in SANDWICH_PARTS]
+    if any(sandwich) and not all(sandwich):
+        raise UnsupportedModelError(f"{name} has only some of Gemma's sandwich norms; ragblend supports {SUPPORTED}")
 
 
 def _layer_types(model: PreTrainedModel) -> tuple[str, ...]:

@@ -42,8 +42,7 @@ class PrefixCaches:
 
 
 @torch.inference_mode()
-def compute_kv(decoder: Transformer, token_batches: Sequence[Sequence[int]], prefix: ChunkKV | None,
-               head_dim: int) -> list[ChunkKV]:
+def compute_kv(decoder: Transformer, token_batches: Sequence[Sequence[int]], prefix: ChunkKV | None) -> list[ChunkKV]:
     """KV of each token list, prefilled in isolation behind `prefix` (right-padded into one batch)."""
     device = decoder.embed_tokens.weight.device
     lengths = [len(ids) for ids in token_batches]
@@ -78,8 +77,8 @@ class SpanComputer:
     """The KV of token spans as they sit right behind one prompt prefix, whose own KV is computed once:
     what ingest, missing-KV repair, conversations and reindex-kv all compute."""
 
-    def __init__(self, decoder: Transformer, head_dim: int, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
-        self.decoder, self.head_dim, self.prefix_ids = decoder, head_dim, list(prefix_ids)
+    def __init__(self, decoder: Transformer, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
+        self.decoder, self.prefix_ids = decoder, list(prefix_ids)
         self.max_batch_tokens = max_batch_tokens
         self._prefix_kv: ChunkKV | None = None
 
@@ -94,6 +93,6 @@ class SpanComputer:
         prefix = self.prefix_kv if behind_prefix else None
         results: list[ChunkKV | None] = [None] * len(token_lists)
         for group in batches_by_length(token_lists, self.max_batch_tokens):
-            for index, kv in zip(group, compute_kv(self.decoder, [token_lists[i] for i in group], prefix, self.head_dim)):
+            for index, kv in zip(group, compute_kv(self.decoder, [token_lists[i] for i in group], prefix)):
                 results[index] = kv
         return results

@@ -92,7 +92,8 @@ class Layer:
         self.o_proj, self.down = linear([attention.o_proj]), linear([mlp.down_proj])
         self.gate_up = linear([mlp.gate_proj, mlp.up_proj])
         self.act = ACT2FN[family.activation]
-        self.q_heads, self.kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+        self.q_heads = attention.q_proj.out_features // head_dim
+        self.kv_heads = attention.k_proj.out_features // head_dim
         self.qk_width = attention.q_proj.out_features + attention.k_proj.out_features
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -167,8 +168,7 @@ class Transformer(nn.Module):
         super().__init__()
         body = model.base_model
         self.family, self.head_dim = family, head_dim
-        self.embed_tokens, self.norm, self.rotary_emb, self.lm_head = body.embed_tokens, body.norm, body.rotary_emb, \
-            model.lm_head
+        self.embed_tokens, self.rotary_emb, self.lm_head = body.embed_tokens, body.rotary_emb, model.lm_head
         self.final_norm = Norm.of(body.norm, family.norm_offset)
         self.layers = [Layer(layer, family, index, head_dim, joined_linear) for index, layer in enumerate(body.layers)]
 

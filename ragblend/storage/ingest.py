@@ -75,7 +75,7 @@ class Ingestor:
                  chunk_tokens: int, max_batch_tokens: int = 4096):
         self.store, self.model, self.template, self.embedder = store, model, template, embedder
         self.chunk_tokens = chunk_tokens
-        self.spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids, max_batch_tokens)
+        self.spans = SpanComputer(model.decoder, template.prefix_ids, max_batch_tokens)
         self._run = _Run(compute=self._compute_here)
 
     def _compute_here(self, chunk_ids: list[str], token_lists: list[list[int]]) -> list[ChunkKV]:
