@@ -79,8 +79,12 @@ def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """merge_parts of two (output, log-sum-exp) pairs."""
-    return merge_parts(*(torch.stack(pair) for pair in zip(first, second)))
+    """merge_parts of two (output, log-sum-exp) pairs, without stacking them into one tensor first (a copy
+    of both outputs: measured 4% of a batched precompute)."""
+    (out, lse), (other, other_lse) = first, second
+    top = torch.maximum(lse, other_lse)
+    weight, other_weight = (lse - top).exp()[..., None], (other_lse - top).exp()[..., None]
+    return (out * weight + other * other_weight) / (weight + other_weight)
 
 
 def _tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: int,

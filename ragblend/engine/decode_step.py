@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from ragblend.engine.decode_attention import decode_attention
 from ragblend.engine.exact_head import ExactGreedyHead
-from ragblend.engine.transformer import Layer, Linear, Projection, joined_linear
+from ragblend.engine.transformer import Layer, Linears, Projection, separate_linears
 from ragblend.engine.weight_only import quantize
 
 if TYPE_CHECKING:
@@ -35,13 +35,13 @@ def packs(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Linear:
+def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Linears:
     """One callable for Linear layers sharing an input: their outputs side by side, with float32 or
     int8 / int4 (weight-only) decode weights. Packed float layers take at least two rows (oneDNN takes
     another kernel for a single row, whose sums differ in the last bits)."""
     first = modules[0]
     if weights == "float32" and not packs(first):  # on an accelerator: the modules as they are
-        return joined_linear(modules)
+        return separate_linears(modules)
     weight = torch.cat([m.weight for m in modules])
     bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
     if weights != "float32":
