@@ -45,7 +45,8 @@ from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E40
 from ragblend.eval.metrics import best_f1, contains_answer, first_line, keeps  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
 from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
-from ragblend.engine.model import _gguf_path, load_model, with_decode_weights  # noqa: E402
+from ragblend.engine.gguf import SMOLLM2  # noqa: E402
+from ragblend.engine.model import load_model, with_decode_weights  # noqa: E402
 
 
 def step_ms(model, cache, start: int, tokens: int) -> float:
@@ -304,7 +305,7 @@ def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: 
         prompt.flush()
         times = []
         for _ in range(runs):
-            done = subprocess.run([binary, "-m", str(_gguf_path()), "-f", prompt.name, "-n", str(tokens), "-c", "8192",
+            done = subprocess.run([binary, "-m", str(SMOLLM2.gguf_path()), "-f", prompt.name, "-n", str(tokens), "-c", "8192",
                                    "-t", str(torch.get_num_threads()), "--ignore-eos", "-no-cnv", "--temp", "0"],
                                   check=True, capture_output=True, text=True)
             line = next(x for x in done.stderr.splitlines() if " eval time" in x and "prompt" not in x)

@@ -2,6 +2,7 @@
 any position, and a conversation can be truncated without recompute)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,13 @@ class ChunkKV:
 
     @classmethod
     def from_rows(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int, cos: torch.Tensor,
-                  sin: torch.Tensor) -> ChunkKV:
-        """Rows [start, end) of per-layer cache tensors (batch 1, keys post-RoPE, `cos`/`sin` those rows'
-        angles) as a stored span: keys back to pre-RoPE, fp16 on the CPU. Sessions' turns and the exact-path
-        tree's nodes are cut from a prefill's cache by this one function."""
-        keys = torch.stack([unrotate(k[0, :, start:end], cos, sin) for k, _ in layers])
+                  sin: torch.Tensor, rope_of_layer: Sequence[int]) -> ChunkKV:
+        """Rows [start, end) of per-layer cache tensors (batch 1, keys post-RoPE; `cos`/`sin` those rows'
+        angles per RoPE table, [tables, rows, head_dim], and `rope_of_layer` each layer's table) as a stored
+        span: keys back to pre-RoPE, fp16 on the CPU. Sessions' turns and the exact-path tree's nodes are cut
+        from a prefill's cache by this one function."""
+        keys = torch.stack([unrotate(k[0, :, start:end], cos[t:t + 1], sin[t:t + 1])
+                            for (k, _), t in zip(layers, rope_of_layer)])
         values = torch.stack([v[0, :, start:end] for _, v in layers])
         return cls(keys.to("cpu", torch.float16), values.to("cpu", torch.float16))
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def rotary_cos_sin(rotary_emb: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for 1-D `positions`, shaped [1, n, head_dim]; angles are computed in fp32 by the model."""
+def rotary_cos_sin(rotary_emb: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype,
+                   layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for 1-D `positions`, shaped [1, n, head_dim]; angles are computed in fp32 by the model.
+    `layer_type` picks the table of a model with a RoPE per layer type (Gemma 3: local and global bases)."""
     probe = torch.empty(1, dtype=dtype, device=positions.device)
-    return rotary_emb(probe, positions[None, :])
+    if layer_type is None:
+        return rotary_emb(probe, positions[None, :])
+    return rotary_emb(probe, positions[None, :], layer_type)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

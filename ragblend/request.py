@@ -236,7 +236,7 @@ class RequestPath:
                                           for s in layout.spans[1:stored_spans]]
         cos, sin = self.engine.rotary(len(layout))
         loader = LayerLoader(self.store.env, sources, len(layout), cos, sin, self.model.num_layers,
-                             self.model.dtype, self.model.device, depth)
+                             self.model.dtype, self.model.device, depth, self.engine.rope_of_layer)
         fuse = blend if mode == "blend" and len(layout.spans) > 1 else None
         try:
             prefill = self.engine.prefill(layout, loader, layout.spans[stored_spans - 1].end, cos, sin, fuse)
@@ -293,4 +293,5 @@ class RequestPath:
         """Rows [start, end) of per-layer cache tensors as a stored span (ChunkKV.from_rows at this model's
         angles): sessions' turns and the tree's nodes alike."""
         cos, sin = self.engine.rotary(end)
-        return ChunkKV.from_rows(layers, start, end, cos[:, start:end], sin[:, start:end])
+        return ChunkKV.from_rows(layers, start, end, cos[:, start:end], sin[:, start:end],
+                                 self.engine.rope_of_layer)

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import hf_forward
 from transformers import DynamicCache
 
 from ragblend import RagBlend
@@ -54,22 +55,26 @@ def stop_inside(model, length: int, seed: int) -> str:
     return text[len(text) // 2:len(text) // 2 + 3]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"])
-def test_a_step_is_the_models_own_forward(tiny_model_factory, kind):
+@pytest.mark.parametrize("kind", ["llama", "llama_mha", "qwen2", "qwen3", "mistral", "llama3_rope", "gemma3"])
+def test_a_step_is_hugging_faces_forward(tiny_model_factory, kind):
+    """37 prompt tokens: past gemma3's window, so its sliding layers attend to the window's keys only."""
     model = tiny_model_factory(kind)
     ours, ours_logits = prompt(model, 37, seed=1)
-    reference, _ = prompt(model, 37, seed=1)
+    ids = torch.randint(100, 40000, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits, reference = hf_forward(model, ids)
+    torch.testing.assert_close(ours_logits, logits[-1], atol=1e-4, rtol=1e-4)
     for position in range(37, 41):
-        expected = feed(model, reference, [500 + position], position)
+        expected, _ = hf_forward(model, [500 + position], reference, position)
         got = model.decode_step([500 + position], [position], [ours])[0]
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, expected[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.layers[-1].keys, reference.layers[-1].keys, atol=1e-5, rtol=1e-5)
     assert ours.get_seq_length() == reference.get_seq_length() == 41
 
 
-@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
-def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny_model_factory, weights):
-    model = with_decode_weights(tiny_model_factory("llama"), weights)
+@pytest.mark.parametrize("kind, weights", [("llama", w) for w in DECODE_WEIGHTS] + [("qwen3", "float32"),
+                                                                                   ("gemma3", "float32")])
+def test_requests_decoded_together_get_the_tokens_and_pieces_they_get_alone(tiny_model_factory, kind, weights):
+    model = with_decode_weights(tiny_model_factory(kind), weights)
     requests = [  # prompt lengths differ; requests join late and leave at their budget or a stop string
         (40, 0, SamplingConfig(max_new_tokens=20), 0),
         (75, 1, SamplingConfig(max_new_tokens=6), 0),

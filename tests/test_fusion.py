@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import hf_forward
 
 from kvchunks.rope import apply_rope, rotary_cos_sin, rotate_in_place
 from ragblend import RagBlend
@@ -21,7 +22,7 @@ PASSAGES = [
     "Kessel is famous for its glass markets. Its mayor in 1850 was Tomas Reh.",
 ]
 QUESTION = "Which city did the builder of the Varn lighthouse move to?"
-KINDS = ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"]
+KINDS = ["llama", "llama_mha", "qwen2", "qwen3", "mistral", "llama3_rope", "gemma3"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,30 @@ def rb(rb_factory) -> RagBlend:
 
 def first_logits(rb: RagBlend, contexts, mode: str, ratio: float = 0.15) -> torch.Tensor:
     return rb.prefill(QUESTION, contexts=contexts, mode=mode, recompute_ratio=ratio).prefill.logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_prefill_is_hugging_faces_forward_logits_and_every_layers_kv(rb_factory, kind):
+    """Our layers against HF's own: the prompt is longer than gemma3's window, so its sliding layers count."""
+    rb = rb_factory(kind)
+    prepared = rb.prefill(QUESTION, contexts=PASSAGES, mode="full")
+    logits, cache = hf_forward(rb.model, list(prepared.layout.token_ids))
+    torch.testing.assert_close(prepared.prefill.logits, logits[-1], atol=1e-4, rtol=1e-4)
+    for ours, theirs in zip(prepared.prefill.cache.layers, cache.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_answer_is_hugging_faces_generate_token_for_token(rb_factory, kind):
+    rb = rb_factory(kind)
+    answer = rb.query(QUESTION, contexts=PASSAGES, mode="full", max_new_tokens=8)
+    ids = torch.tensor([rb.prefill(QUESTION, contexts=PASSAGES, mode="full").layout.token_ids])
+    with torch.inference_mode():
+        generated = rb.model.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = generated[0, ids.shape[1]:].tolist()
+    assert answer.token_ids == expected[:len(answer.token_ids)]
+    assert len(answer.token_ids) == 8 or expected[len(answer.token_ids)] == rb.model.tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -76,9 +101,11 @@ def test_prefix_mode_reuses_only_prefix_and_first_chunk(rb):
     assert (prepared.prefill.logits - full).abs().max() < 1e-3  # the first chunk's stored KV is exact
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["prefix", "blend"])
-def test_computing_rows_in_small_blocks_changes_nothing(rb, mode, monkeypatch):
-    """Long prompts are computed in row blocks; each block must still see every earlier row."""
+def test_computing_rows_in_small_blocks_changes_nothing(rb_factory, kind, mode, monkeypatch):
+    """Long prompts are computed in row blocks; each block must still see every earlier row (in its window)."""
+    rb = rb_factory(kind)
     whole = first_logits(rb, PASSAGES, mode, ratio=0.5)
     monkeypatch.setattr(attention, "ROW_BLOCK", 3)
     assert (first_logits(rb, PASSAGES, mode, ratio=0.5) - whole).abs().max() < 1e-4
@@ -247,8 +274,10 @@ SELECTION_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", SELECTION_VARIANTS)
-def test_every_selection_variant_is_exact_at_full_ratio(rb, name):
+def test_every_selection_variant_is_exact_at_full_ratio(rb_factory, kind, name):
+    rb = rb_factory(kind)
     full = first_logits(rb, PASSAGES, "full")
     config = replace(SELECTION_VARIANTS[name], recompute_ratio=1.0)
     blend = rb.prefill(QUESTION, contexts=PASSAGES, mode="blend", blend=config).prefill.logits

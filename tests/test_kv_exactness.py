@@ -9,20 +9,20 @@ rounding; `compute_kv` (fp32, before storage) matches to float32 round-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_model_dir
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import hf_forward
 
 from index.docstore import ChunkRecord
-from ragblend.engine.precompute import compute_kv
 from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.api import RagBlend
-from ragblend.engine.model import LoadedModel, load_model
+from ragblend.engine.layout import PromptLayout
+from ragblend.engine.model import LoadedModel
+from ragblend.engine.precompute import compute_kv
 
-KINDS = ["llama", "llama_mha", "qwen2", "mistral", "llama3_rope"]
+# gemma3's window (16) is shorter than the prompt prefix: every chunk sits past it on its sliding layers.
+KINDS = ["llama", "llama_mha", "qwen2", "qwen3", "mistral", "llama3_rope", "gemma3"]
 
 # Long enough for three chunks of at most 24 tokens, so later chunks are checked too.
 DOCUMENT = (
@@ -45,10 +45,13 @@ def assert_matches_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-5, atol=1e-5)
 
 
-def rotate_to(keys: torch.Tensor, model: LoadedModel, start: int) -> torch.Tensor:
-    """Pre-RoPE keys [..., n, head_dim] rotated to positions start .. start+n-1 with the model's own RoPE."""
+def rotate_to(keys: torch.Tensor, model: LoadedModel, start: int, layer: int) -> torch.Tensor:
+    """Pre-RoPE keys [..., n, head_dim] of `layer` rotated to positions start .. start+n-1 with the model's own
+    RoPE for that layer's type."""
     positions = torch.arange(start, start + keys.shape[-2])
-    cos, sin = rotary_cos_sin(model.decoder.rotary_emb, positions, torch.float32)
+    attention = model.model.base_model.layers[layer].self_attn
+    layer_type = getattr(attention, "layer_type", None) if model.family.per_type_rope else None
+    cos, sin = rotary_cos_sin(model.model.base_model.rotary_emb, positions, torch.float32, layer_type)
     return apply_rope(keys.float(), cos, sin)
 
 
@@ -67,10 +70,8 @@ class Ingested:
         return len(self.prefix_ids)
 
     def reference_cache(self, chunk: ChunkRecord):
-        """The model's own cache for prefix + chunk (post-RoPE keys, [batch, kv_heads, seq, head_dim])."""
-        with torch.inference_mode():
-            out = self.model.model.model(torch.tensor([self.prefix_ids + chunk.token_ids]), use_cache=True)
-        return out.cache
+        """Hugging Face's cache for prefix + chunk (post-RoPE keys, [batch, kv_heads, seq, head_dim])."""
+        return hf_forward(self.model, self.prefix_ids + chunk.token_ids)[1]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -99,7 +100,7 @@ def test_stored_keys_rotated_to_their_positions_behind_the_prefix_match_the_mode
         kv = ingested.rb.store.kv.load(chunk.chunk_id)
         cache = ingested.reference_cache(chunk)
         for layer in range(ingested.model.num_layers):
-            assert_matches_fp16(rotate_to(kv.keys[layer], ingested.model, ingested.P),
+            assert_matches_fp16(rotate_to(kv.keys[layer], ingested.model, ingested.P, layer),
                                 cache.layers[layer].keys[0, :, ingested.P:])
 
 
@@ -124,11 +125,11 @@ def test_compute_kv_before_storage_matches_the_model_cache_to_float32_precision(
     m = ingested.model
     prefix = ingested.rb.chunk_kv.spans.prefix_kv
     for chunk in ingested.chunks:
-        [kv] = compute_kv(m.decoder, [chunk.token_ids], prefix, m.head_dim)
+        [kv] = compute_kv(m.decoder, [chunk.token_ids], prefix)
         assert kv.keys.dtype == torch.float32
         cache = ingested.reference_cache(chunk)
         for layer in range(m.num_layers):
-            assert_matches_fp32(rotate_to(kv.keys[layer], m, ingested.P), cache.layers[layer].keys[0, :, ingested.P:])
+            assert_matches_fp32(rotate_to(kv.keys[layer], m, ingested.P, layer), cache.layers[layer].keys[0, :, ingested.P:])
             assert_matches_fp32(kv.values[layer], cache.layers[layer].values[0, :, ingested.P:])
 
 
@@ -138,8 +139,20 @@ def test_prefix_kv_matches_the_model_cache_of_the_prefix(ingested):
     assert prefix.num_tokens == ingested.P
     cache = ingested.reference_cache(ingested.chunks[0])
     for layer in range(m.num_layers):
-        assert_matches_fp32(rotate_to(prefix.keys[layer], m, 0), cache.layers[layer].keys[0, :, : ingested.P])
+        assert_matches_fp32(rotate_to(prefix.keys[layer], m, 0, layer), cache.layers[layer].keys[0, :, : ingested.P])
         assert_matches_fp32(prefix.values[layer], cache.layers[layer].values[0, :, : ingested.P])
+
+
+def test_cache_rows_stored_by_sessions_and_paths_are_the_pre_rope_kv(ingested):
+    """A conversation's turn and a path node are rows of a prefill's cache with RoPE undone by each layer's
+    own table: the same KV as the chunk's precompute."""
+    chunk, requests = ingested.chunks[1], ingested.rb.requests
+    layout = PromptLayout.build(tuple(ingested.prefix_ids), [(chunk.chunk_id, tuple(chunk.token_ids))], [])
+    cache = requests.engine.full_prefill(layout).cache
+    segment = requests.segment([(layer.keys, layer.values) for layer in cache.layers], ingested.P, len(layout))
+    stored = ingested.rb.store.kv.load(chunk.chunk_id)
+    assert_matches_fp16(segment.keys, stored.keys)
+    assert_matches_fp16(segment.values, stored.values)
 
 
 def test_batched_precompute_with_padding_equals_one_chunk_at_a_time(ingested):
@@ -147,48 +160,12 @@ def test_batched_precompute_with_padding_equals_one_chunk_at_a_time(ingested):
     prefix = ingested.rb.chunk_kv.spans.prefix_kv
     token_lists = [c.token_ids for c in ingested.chunks]
     assert len({len(t) for t in token_lists}) > 1, "chunks of different lengths exercise the padding"
-    batched = compute_kv(m.decoder, token_lists, prefix, m.head_dim)
+    batched = compute_kv(m.decoder, token_lists, prefix)
     for tokens, kv in zip(token_lists, batched):
-        [alone] = compute_kv(m.decoder, [tokens], prefix, m.head_dim)
+        [alone] = compute_kv(m.decoder, [tokens], prefix)
         assert kv.num_tokens == len(tokens)
         assert_matches_fp32(kv.keys, alone.keys)
         assert_matches_fp32(kv.values, alone.values)
-
-
-# --- architectures that transform keys between k_proj and RoPE -----------------------------------
-
-
-def make_tiny_qwen3(root: Path, tokenizer_dir: Path) -> Path:
-    """A random Qwen3-style model: RMS-normalises keys (k_norm) after k_proj and before RoPE."""
-    config = AutoConfig.for_model("qwen3", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=8192, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms initialise to ones; make them matter
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1.0, 0.5)
-    return save_model_dir(model, root / "tiny-qwen3", tokenizer_dir)
-
-
-def test_a_model_with_a_key_norm_gets_exact_kv_or_is_refused(tmp_path, smollm_dir, embedder):
-    """Keys must be captured where RoPE is applied; silently storing other keys would corrupt every answer."""
-    folder = make_tiny_qwen3(tmp_path, smollm_dir)
-    try:
-        model = load_model(folder, device="cpu")
-        rb = RagBlend(tmp_path / "store", model=model, embedder=embedder, chunk_tokens=CHUNK_TOKENS)
-        [doc_id] = rb.add_documents([{"id": "lighthouse", "text": DOCUMENT}])
-    except (ValueError, NotImplementedError) as refused:  # a clear refusal is an acceptable outcome
-        assert "qwen3" in str(refused).lower() or "k_norm" in str(refused)
-        return
-    with rb.store.env.begin() as txn:
-        chunk = rb.store.docs.get_chunk(txn, rb.store.docs.get_doc(txn, doc_id).chunk_ids[0])
-    case = Ingested(rb, model, [chunk])
-    stored = rb.store.kv.load(chunk.chunk_id)
-    cache = case.reference_cache(chunk)
-    for layer in range(model.num_layers):
-        assert_matches_fp16(rotate_to(stored.keys[layer], model, case.P), cache.layers[layer].keys[0, :, case.P:])
 
 
 def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
@@ -196,7 +173,7 @@ def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
     import threading
 
     ids = list(range(100, 140))
-    alone = compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0]
+    alone = compute_kv(tiny_model.decoder, [ids], None)[0]
     stop = threading.Event()
 
     def other_requests():
@@ -207,7 +184,7 @@ def test_precompute_ignores_forwards_running_on_other_threads(tiny_model):
     thread = threading.Thread(target=other_requests)
     thread.start()
     try:
-        during = [compute_kv(tiny_model.decoder, [ids], None, tiny_model.head_dim)[0] for _ in range(20)]
+        during = [compute_kv(tiny_model.decoder, [ids], None)[0] for _ in range(20)]
     finally:
         stop.set()
         thread.join()

@@ -59,7 +59,7 @@ def nodes(rb: RagBlend):
         return rb.store.paths.nodes(txn)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_prefix_at_every_depth_answers_as_full_prefill_token_for_token(make_rb, kind):
     rb = make_rb(kind)
     full_all = ask(rb, FACTS, "full")  # computes all six chunks in full context: nodes of depth 2..6

@@ -70,6 +70,18 @@ def test_a_later_turn_equals_full_prefill_of_the_whole_conversation(rb):
         rb.session_manager.store.get(chat.session_id).turns[0].token_ids)
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_a_later_turn_equals_full_prefill_in_every_family(tiny_model_factory, embedder, tmp_path, kind):
+    """The history (un-rotated and re-rotated with each layer's own RoPE table: gemma3 has two) and the
+    answer fed back into the cache run the same layers as a full prefill of the conversation."""
+    with RagBlend(tmp_path / "store", model=tiny_model_factory(kind), embedder=embedder) as rb:
+        chat = rb.chat()
+        send_and_reference(rb, chat, "Who built the lighthouse?", PASSAGES[:2], mode="full")
+        second, reference = send_and_reference(rb, chat, "Where did she move?", PASSAGES[2:], mode="full")
+        assert second.timings["history_source"] == "ram"
+        assert (second.first_token_logits - reference).abs().max() < 2e-2
+
+
 @pytest.mark.parametrize("mode", ["blend", "reuse", "prefix"])
 def test_every_mode_works_in_a_conversation(rb, mode):
     chat = rb.chat()

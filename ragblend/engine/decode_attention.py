@@ -40,7 +40,8 @@ def _parts(keys: torch.Tensor) -> int:
         return 1
     threads, heads, length = torch.get_num_threads(), keys.shape[1], keys.shape[2]
     parts = threads // math.gcd(heads, threads)
-    rows = keys.stride(1) // keys.stride(2)  # the buffer's rows behind the view
+    # the buffer's rows from the view's first on (a sliding window's view starts inside the buffer)
+    rows = (keys.stride(1) - keys.storage_offset() % keys.stride(1)) // keys.stride(2)
     if parts == 1 or length < parts * MIN_PART_KEYS or rows < parts * -(-length // parts):
         return 1
     return parts

@@ -1,4 +1,5 @@
-"""One decode step of several requests in one forward, over the model's own Llama-family modules.
+"""One decode step of several requests in one forward, through the model's one layer definition
+(engine/transformer.py) with its Linear weights laid out for decode.
 
 Norms, projections, MLP and LM head run once over the batch's new tokens (their weight reads are most
 of a decode step on the CPU); attention runs per request over its own cache, which grows in place, so
@@ -12,7 +13,7 @@ weight-only kernels (weight_only.py), whose rows are independent too, and the ex
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,13 +21,13 @@ from transformers import DynamicCache
 
 from ragblend.engine.decode_attention import decode_attention
 from ragblend.engine.exact_head import ExactGreedyHead
+from ragblend.engine.transformer import Layer, Linears, Projection, separate_linears
 from ragblend.engine.weight_only import quantize
 
 if TYPE_CHECKING:
     from ragblend.engine.model import LoadedModel
 
 PACK_ROWS = 4  # the batch size oneDNN lays the packed weights out for (measured flat from 1 to 8 rows)
-Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 def packs(module: torch.nn.Module) -> bool:
@@ -34,13 +35,13 @@ def packs(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Linear:
+def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Linears:
     """One callable for Linear layers sharing an input: their outputs side by side, with float32 or
     int8 / int4 (weight-only) decode weights. Packed float layers take at least two rows (oneDNN takes
     another kernel for a single row, whose sums differ in the last bits)."""
     first = modules[0]
     if weights == "float32" and not packs(first):  # on an accelerator: the modules as they are
-        return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+        return separate_linears(modules)
     weight = torch.cat([m.weight for m in modules])
     bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
     if weights != "float32":
@@ -49,73 +50,57 @@ def fused_linear(modules: list[torch.nn.Linear], weights: str = "float32") -> Li
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama-family RMSNorm module's own arithmetic, without its per-call dtype round trips."""
-    y = x.float()
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * y.to(x.dtype)
-
-
 class DecodeStep:
     """A LoadedModel's weights laid out for batched steps, in its `decode_weights` (float32 shares the
     embeddings and norms and adds a packed copy of the Linear weights; int8 / int4 add only theirs and
     an int8 copy of the LM head)."""
 
     def __init__(self, loaded: LoadedModel):
-        body, head, weights = loaded.model.model, loaded.model.lm_head, loaded.decode_weights
-        self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
-        self.layers = [_Layer(layer, loaded.head_dim, weights) for layer in body.layers]
-        quantized = weights != "float32"
+        decoder, weights = loaded.decoder, loaded.decode_weights
+        self.decoder = decoder
+        layout = partial(fused_linear, weights=weights)
+        self.layers = [Layer(layer, decoder.family, index, loaded.head_dim, layout)
+                       for index, layer in enumerate(loaded.model.base_model.layers)]
+        head, quantized = decoder.lm_head, weights != "float32"
         self.lm_head = ExactGreedyHead(head.weight, head.bias) if quantized else fused_linear([head])
         self.min_rows = 2 if packs(head) and not quantized else 1
 
     @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
         """Feed token i at positions[i] over caches[i] (each grows by it): next-token logits [len, vocab]."""
-        return self.lm_head(self.hidden(tokens, positions, caches))[:len(tokens)].float()
+        logits = self.lm_head(self.hidden(tokens, positions, caches))[:len(tokens)].float()
+        return self.decoder.capped(logits)
 
     @torch.inference_mode()
     def hidden(self, tokens: list[int], positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
         """What the LM head reads: the final norm's output, [len, hidden] padded to `min_rows` rows."""
-        device, padding = self.embed.weight.device, max(0, self.min_rows - len(tokens))
-        hidden = self.embed(torch.tensor(tokens + tokens[:1] * padding, device=device))
-        cos, sin = self.rotary(hidden, torch.tensor(positions + positions[:1] * padding, device=device)[:, None])
-        half = sin.shape[-1] // 2
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's signs, once per step
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, signed_sin, caches, index)
-        return rms_norm(self.norm, hidden)
+        padding = max(0, self.min_rows - len(tokens))
+        device = self.decoder.embed_tokens.weight.device
+        hidden = self.decoder.embed(torch.tensor(tokens + tokens[:1] * padding, device=device))
+        cos, sin = self.decoder.rope(torch.tensor(positions + positions[:1] * padding, device=device))
+        target = DecodeCaches(caches)
+        for layer in self.layers:
+            hidden = layer(hidden, cos[layer.rope], sin[layer.rope], target)
+        return self.decoder.final_norm(hidden)
 
 
-class _Layer:
-    def __init__(self, layer: torch.nn.Module, head_dim: int, weights: str):
-        attention, mlp = layer.self_attn, layer.mlp
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        self.qkv = fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], weights)
-        self.o_proj, self.down = fused_linear([attention.o_proj], weights), fused_linear([mlp.down_proj], weights)
-        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], weights)
-        self.act, self.scaling, self.head_dim = mlp.act_fn, attention.scaling, head_dim
-        self.q_heads = attention.q_proj.out_features // head_dim
-        self.qk_width = attention.q_proj.out_features + attention.k_proj.out_features
+class DecodeCaches:
+    """Attention target of a decode step: row i (a request's new token) appends its K/V to caches[i] and
+    attends over that cache alone (its last `window` keys on a sliding layer); rows past the caches are
+    padding and repeat row 0's result."""
 
-    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
-                 caches: list[DynamicCache], index: int) -> torch.Tensor:
-        rows, qkv = len(hidden), self.qkv(rms_norm(self.input_norm, hidden))
-        qk = qkv[:, :self.qk_width].view(rows, -1, self.head_dim)  # query heads, then key heads
-        if self.q_norm is not None:
-            qk = torch.cat([rms_norm(self.q_norm, qk[:, :self.q_heads]), rms_norm(self.k_norm, qk[:, self.q_heads:])], 1)
-        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * signed_sin  # RoPE on queries and keys at once
-        q, k, v = qk[:, :self.q_heads], qk[:, self.q_heads:], qkv[:, self.qk_width:].view(rows, -1, self.head_dim)
-        out = [self._attend(q[i], k[i], v[i], cache, index) for i, cache in enumerate(caches)]
-        hidden = hidden + self.o_proj(torch.cat(out + out[:1] * (rows - len(out))))
-        gate, up = self.gate_up(rms_norm(self.post_norm, hidden)).chunk(2, dim=-1)
-        return hidden + self.down(self.act(gate) * up)
+    def __init__(self, caches: list[DynamicCache]):
+        self.caches = caches
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DynamicCache,
-                index: int) -> torch.Tensor:
+    def __call__(self, layer: Layer, p: Projection) -> torch.Tensor:
+        out = [self._attend(layer, p.q[i], p.k[i], p.v[i], cache) for i, cache in enumerate(self.caches)]
+        return torch.cat(out + out[:1] * (len(p.q) - len(out)))
+
+    @staticmethod
+    def _attend(layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """One request's new token over its cache; query heads of a group fold into rows of their kv head."""
-        keys, values = cache.layers[index].update(k[None, :, None], v[None, :, None])
-        kv_heads = k.shape[0]
-        folded = q.reshape(1, kv_heads, -1, self.head_dim)
-        return decode_attention(folded, keys, values, self.scaling).reshape(1, -1)
+        keys, values = cache.layers[layer.index].update(k[None, :, None], v[None, :, None])
+        if layer.window is not None:
+            keys, values = keys[:, :, -layer.window:], values[:, :, -layer.window:]
+        folded = q.reshape(1, k.shape[0], -1, layer.head_dim)
+        return decode_attention(folded, keys, values, layer.scale).reshape(1, -1)

@@ -2,9 +2,10 @@
 
 Each layer computes only some rows of the prompt (`rows`, sorted prompt positions). Their fresh K/V
 are scattered into that layer's full cache, whose other rows hold stored KV, and they attend over
-the whole cache causally on original positions (ragblend.engine.attention). CacheBlend (`blend`) computes
-every row up to the check layer, then keeps the chunk tokens that score highest on the configured
-signal (ragblend.engine.selection; HKVD by default) plus the question suffix.
+the whole cache causally on original positions (transformer.RowsOverCache). CacheBlend (`blend`)
+computes every row up to the check layer, then keeps the chunk tokens that score highest on the
+configured signal (ragblend.engine.selection; HKVD by default) plus the question suffix. Full prefill
+is the same layers with every row computed and nothing stored.
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvchunks.rope import apply_rope, rotary_cos_sin
 from ragblend.engine.attention import RowPlan
+from ragblend.engine.decode_cache import decode_cache, with_spare_rows
 from ragblend.engine.layout import PromptLayout
-from ragblend.engine.decode_cache import decode_cache
 from ragblend.engine.loader import LayerLoader
 from ragblend.engine.model import LoadedModel
 from ragblend.engine.selection import (AUTO, BlendConfig, attended_chunks, auto_share, budget_groups, chunk_starts,
-                                deviation, keep_count, question_attention, select_top)
+                                       deviation, keep_count, question_attention, select_top)
+from ragblend.engine.transformer import Layer, Projection, RowsOverCache
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class Prefill:
@@ -31,23 +35,12 @@ class Prefill:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class RowScatterCache:
-    """Per-layer full K/V; `update` writes the computed rows' fresh K/V in place and returns the
-    cache up to the last of those rows (later positions are invisible to them)."""
-
-    def __init__(self, num_layers: int):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.rows: torch.Tensor | None = None
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        full_k, full_v = self.layers[layer_idx]
-        full_k[:, :, self.rows] = keys
-        full_v[:, :, self.rows] = values
-        end = int(self.rows[-1]) + 1
-        return full_k[:, :, :end], full_v[:, :, :end]
-
-    def to_dynamic(self) -> DynamicCache:
-        return decode_cache(self.layers)
+def at_rows(table: torch.Tensor, layer: Layer, plan: RowPlan) -> torch.Tensor:
+    """A layer's cos or sin [1, n, head_dim] at the plan's rows, from [tables, length, head_dim]."""
+    rows = plan.rows
+    if plan.contiguous:
+        return table[layer.rope:layer.rope + 1, int(rows[0]):int(rows[-1]) + 1]
+    return table[layer.rope:layer.rope + 1, rows]
 
 
 class FusionEngine:
@@ -55,62 +48,62 @@ class FusionEngine:
         self.model = model
         self.decoder = model.decoder
 
-    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every prompt position, computed once per query and shared with the loader."""
-        return rotary_cos_sin(self.decoder.rotary_emb, torch.arange(length, device=self.model.device), self.model.dtype)
+    @property
+    def rope_of_layer(self) -> tuple[int, ...]:
+        """Each layer's RoPE table in what `rotary` returns."""
+        return self.decoder.family.rope_of_layer
 
-    def _layer(self, index: int, hidden: torch.Tensor, plan: RowPlan, length: int, cache: RowScatterCache,
-               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        layer = self.decoder.layers[index]
-        rows = cache.rows = plan.rows
-        if len(rows) == length:  # every row: sdpa's own causal kernel, no mask
-            return layer(hidden, position_embeddings=(cos, sin), cache=cache)
-        return layer(hidden, position_embeddings=(cos[:, rows], sin[:, rows]), cache=cache, rows=plan)
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [tables, length, head_dim] for every prompt position and RoPE table (one table but for
+        models with a RoPE per layer type), computed once per query and shared with the loader."""
+        return self.decoder.rope(torch.arange(length, device=self.model.device))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.model.lm_head(self.decoder.norm(hidden[:, -1:]))[0, -1].float()
+        return self.decoder.logits(hidden[0, -1])
 
     @torch.inference_mode()
     def prefill(self, layout: PromptLayout, loader: LayerLoader, first_computed: int, cos: torch.Tensor,
                 sin: torch.Tensor, blend: BlendConfig | None = None) -> Prefill:
         """Stored KV for positions < `first_computed` (from `loader`), fresh for the rest; `blend` selects
         which chunk tokens stay computed after its check layer (and, if gradual, the layer after)."""
-        length = len(layout)
         device = self.model.device
         ids = layout.ids_tensor(device)
-        rows = torch.arange(layout.prefix_len if blend else first_computed, length, device=device)
-        hidden = self.decoder.embed_tokens(ids[rows])[None]
-        cache = RowScatterCache(self.model.num_layers)
+        rows = torch.arange(layout.prefix_len if blend else first_computed, len(layout), device=device)
+        hidden = self.decoder.embed(ids[rows])[None]
+        caches: list[KV | None] = [None] * self.model.num_layers
         timings = {"check_s": 0.0, "partial_s": 0.0}
         check = blend.check_layer if blend else -1
         share = None
         plan = RowPlan(rows)  # the rows change only where blend narrows them; their masks are reused till then
-        for index in range(self.model.num_layers):
+        target = RowsOverCache(plan, caches)
+        for layer in self.decoder.layers:
             start = time.perf_counter()
-            cache.layers[index] = loader.get(index)
-            if blend is not None and (index == check or (index == check + 1 and blend.gradual > 1)):
-                rows, hidden, share = self._narrow(index, hidden, rows, cache, layout, cos, sin, blend, share)
+            caches[layer.index] = loader.get(layer.index)
+            if blend is not None and (layer.index == check or (layer.index == check + 1 and blend.gradual > 1)):
+                rows, hidden, share = self._narrow(layer, hidden, plan, caches[layer.index], layout, cos, sin, blend,
+                                                   share)
                 plan = RowPlan(rows)
-            hidden = self._layer(index, hidden, plan, length, cache, cos, sin)
-            timings["check_s" if index <= check else "partial_s"] += time.perf_counter() - start
+                target = RowsOverCache(plan, caches)
+            hidden = layer(hidden, at_rows(cos, layer, plan), at_rows(sin, layer, plan), target)
+            timings["check_s" if layer.index <= check else "partial_s"] += time.perf_counter() - start
         if share is not None:
             timings["recompute_ratio"] = share
-        return Prefill(self._logits(hidden), cache.to_dynamic(), len(rows), timings)
+        return Prefill(self._logits(hidden), decode_cache(caches), len(rows), timings)
 
-    def _narrow(self, index: int, hidden: torch.Tensor, rows: torch.Tensor, cache: RowScatterCache,
-                layout: PromptLayout, cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig,
+    def _narrow(self, layer: Layer, hidden: torch.Tensor, plan: RowPlan, cache: KV, layout: PromptLayout,
+                cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig,
                 share: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Keep the question suffix and the top-scoring chunk tokens among `rows`: on the check layer
-        (`share` None) the configured ratio, or "auto"'s, times `gradual`; after it, `share`.
+        """Keep the question suffix and the top-scoring chunk tokens among the plan's rows: on the check
+        layer (`share` None) the configured ratio, or "auto"'s, times `gradual`; after it, `share`.
 
         Every row's fresh K/V on this layer is computed for scoring anyway, so it replaces the stored
         K/V of all of them, kept or not: a dropped token's cache is fresh up to the layer it left on."""
-        layer = self.decoder.layers[index]
-        normed = layer.input_layernorm(hidden)
-        keys, values = self._fresh_kv(layer.self_attn, normed, rows, cos, sin)
-        scores = self._scores(layer.self_attn, normed, keys, values, rows, cache.layers[index], layout, cos, sin, blend)
-        cache.layers[index][0][:, :, rows] = keys
-        cache.layers[index][1][:, :, rows] = values
+        rows = plan.rows
+        fresh = layer.project(layer.input_norm(hidden), at_rows(cos, layer, plan), at_rows(sin, layer, plan))
+        keys, values = fresh.k.transpose(1, 2), fresh.v.transpose(1, 2)
+        scores = self._scores(layer, fresh, rows, cache, layout, blend)
+        cache[0][:, :, rows] = keys
+        cache[1][:, :, rows] = values
         candidates = (rows >= layout.prefix_len) & (rows < layout.suffix_start)
         positions = rows[candidates]
         scores = scores[candidates]
@@ -120,8 +113,7 @@ class FusionEngine:
             keep = min(1.0, share * blend.gradual)
         forced = chunk_starts(positions, layout, blend.chunk_start_tokens)
         if blend.query_chunks and checking:  # on the check layer: whole chunks the question reads
-            paid = self._question_attention(layer.self_attn, normed, keys, rows, cache.layers[index][0], layout,
-                                            cos, sin)[candidates]
+            paid = self._question_attention(layer, fresh, rows, cache[0], layout)[candidates]
             budget = int(blend.query_chunks * keep_count(layout.suffix_start - layout.prefix_len, keep))
             forced |= attended_chunks(paid, positions, layout, budget)
         scores = scores.masked_fill(forced, float("inf"))
@@ -129,48 +121,39 @@ class FusionEngine:
         kept = torch.cat([chosen, rows[rows >= layout.suffix_start]])
         return kept, hidden[:, torch.searchsorted(rows, kept)], share
 
-    def _fresh_kv(self, attention: torch.nn.Module, normed: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's K (post-RoPE, at the rows' positions) and V for `rows`, from the normed input."""
-        keys = self._heads(attention.k_proj(normed), getattr(attention, "k_norm", None))
-        return apply_rope(keys, cos[:, rows], sin[:, rows]), self._heads(attention.v_proj(normed))
-
-    def _scores(self, attention: torch.nn.Module, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                rows: torch.Tensor, stored: tuple[torch.Tensor, torch.Tensor], layout: PromptLayout,
-                cos: torch.Tensor, sin: torch.Tensor, blend: BlendConfig) -> torch.Tensor:
+    def _scores(self, layer: Layer, fresh: Projection, rows: torch.Tensor, stored: KV, layout: PromptLayout,
+                blend: BlendConfig) -> torch.Tensor:
         """The selection signal for every row in `rows`, from their fresh K/V against the `stored` ones."""
         if blend.signal == "random":
             return torch.rand(len(rows), generator=torch.Generator().manual_seed(blend.seed)).to(rows.device)
-        value_dev = deviation(values, stored[1][:, :, rows])
+        value_dev = deviation(fresh.v.transpose(1, 2), stored[1][:, :, rows])
         if blend.signal == "value":
             return value_dev
         if blend.signal in ("key", "kv"):
-            key_dev = deviation(keys, stored[0][:, :, rows])
+            key_dev = deviation(fresh.k.transpose(1, 2), stored[0][:, :, rows])
             if blend.signal == "key":
                 return key_dev
             return key_dev / key_dev.mean().clamp_min(1e-12) + value_dev / value_dev.mean().clamp_min(1e-12)
-        paid = self._question_attention(attention, normed, keys, rows, stored[0], layout, cos, sin)
+        paid = self._question_attention(layer, fresh, rows, stored[0], layout)
         return paid if blend.signal == "attention" else paid * value_dev
 
-    def _question_attention(self, attention: torch.nn.Module, normed: torch.Tensor, keys: torch.Tensor,
-                            rows: torch.Tensor, stored_keys: torch.Tensor, layout: PromptLayout, cos: torch.Tensor,
-                            sin: torch.Tensor) -> torch.Tensor:
+    def _question_attention(self, layer: Layer, fresh: Projection, rows: torch.Tensor, stored_keys: torch.Tensor,
+                            layout: PromptLayout) -> torch.Tensor:
         """Attention the question's rows pay to each row in `rows` on this layer (fresh keys for `rows`)."""
         question = rows >= layout.suffix_start
-        queries = apply_rope(self._heads(attention.q_proj(normed[:, question]), getattr(attention, "q_norm", None)),
-                             cos[:, rows[question]], sin[:, rows[question]])
         all_keys = stored_keys.clone()
-        all_keys[:, :, rows] = keys
-        return question_attention(queries, all_keys, rows[question])[rows]
-
-    def _heads(self, projected: torch.Tensor, norm: torch.nn.Module | None = None) -> torch.Tensor:
-        """[1, n, heads*head_dim] -> [1, heads, n, head_dim], with the per-head norm some families apply."""
-        split = projected.view(1, projected.shape[1], -1, self.model.head_dim)
-        return (norm(split) if norm is not None else split).transpose(1, 2)
+        all_keys[:, :, rows] = fresh.k.transpose(1, 2)
+        queries = fresh.q[:, question].transpose(1, 2)
+        return question_attention(queries, all_keys, rows[question], layer.scale, layer.window)[rows]
 
     @torch.inference_mode()
     def full_prefill(self, layout: PromptLayout) -> Prefill:
-        """Ordinary prefill of the whole prompt with the model's own forward: the reference."""
-        out = self.model.model(layout.ids_tensor(self.model.device)[None], use_cache=True, logits_to_keep=1)
-        cache = decode_cache([(layer.keys, layer.values) for layer in out.cache.layers])
-        return Prefill(out.logits[0, -1].float(), cache, len(layout))
+        """Ordinary prefill of the whole prompt, every row computed: the reference the other modes answer to."""
+        length, device, dtype = len(layout), self.model.device, self.model.dtype
+        shape = (1, self.model.num_kv_heads, length, self.model.head_dim)
+        caches = [(with_spare_rows(shape, dtype, device), with_spare_rows(shape, dtype, device))
+                  for _ in range(self.model.num_layers)]
+        cos, sin = self.rotary(length)
+        target = RowsOverCache(RowPlan(torch.arange(length, device=device)), caches)
+        hidden = self.decoder(layout.ids_tensor(device)[None], cos, sin, target)
+        return Prefill(self._logits(hidden), decode_cache(caches), length)

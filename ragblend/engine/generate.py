@@ -49,12 +49,9 @@ def _eos_ids(model: LoadedModel) -> set[int]:
 
 @torch.inference_mode()
 def feed(model: LoadedModel, cache: DynamicCache, token_ids: list[int], start: int) -> torch.Tensor:
-    """Run `token_ids` at positions start.. over `cache` (which grows by them) with the float32 weights
-    (the model's own forward); the last one's logits."""
-    ids = torch.tensor([token_ids], device=model.device)
-    positions = torch.arange(start, start + len(token_ids), device=model.device)[None]
-    out = model.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+    """Run `token_ids` at positions start.. over `cache` (which grows by them) with the float32 weights;
+    the last one's logits."""
+    return model.decoder.extend(cache, token_ids, start)
 
 
 class Sequence:

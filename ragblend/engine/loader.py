@@ -1,7 +1,7 @@
 """Background layer loader: while layer l is computed, layer l+1's KV is read from the store and made ready.
 
 "Ready" means converted to the compute dtype, placed at its prompt position and rotated with the
-model's RoPE for that position, in one [1, kv_heads, N, head_dim] tensor per K and V (suffix rows
+layer's RoPE (its type's table) for that position, in one [1, kv_heads, N, head_dim] tensor per K and V (suffix rows
 left for the engine to fill).
 """
 from __future__ import annotations
@@ -10,13 +10,14 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lmdb
 import torch
 
-from kvchunks.kvstore import StoredKV
 from kvchunks.chunk_kv import ChunkKV
+from kvchunks.kvstore import StoredKV
 from kvchunks.rope import rotate_in_place
 from ragblend.engine.decode_cache import with_spare_rows
 
@@ -37,11 +38,16 @@ KVSource = ChunkKV | StoredKV  # in memory (the prompt prefix, a RAM-tier turn) 
 
 class LayerLoader:
     def __init__(self, env: lmdb.Environment, sources: list[tuple[int, KVSource]], length: int, cos: torch.Tensor,
-                 sin: torch.Tensor, num_layers: int, dtype: torch.dtype, device: torch.device, depth: int = 2):
+                 sin: torch.Tensor, num_layers: int, dtype: torch.dtype, device: torch.device, depth: int = 2,
+                 rope_of_layer: Sequence[int] = ()):
         """`sources`: (prompt position, KV) pairs that tile [0, stored_len) in order; rows from
-        stored_len to `length` are left for the engine to compute."""
+        stored_len to `length` are left for the engine to compute. cos/sin: [tables, length, head_dim]
+        (FusionEngine.rotary); `rope_of_layer` gives each layer's table where there is more than one."""
+        if cos.shape[0] > 1 and len(rope_of_layer) != num_layers:
+            raise ValueError("a model with a RoPE per layer type needs rope_of_layer (FusionEngine.rope_of_layer)")
         self.env, self.sources, self.length = env, sources, length
         self.cos, self.sin = cos, sin
+        self.rope_of_layer = tuple(rope_of_layer) or (0,) * num_layers
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
         self.stats = LoadStats()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
@@ -91,7 +97,8 @@ class LayerLoader:
             k, v = self._layer_of(txn, source, layer)
             keys[0, :, start : start + k.shape[1]] = k.to(self.device)
             values[0, :, start : start + v.shape[1]] = v.to(self.device)
-        rotate_in_place(keys[:, :, :stored], self.cos[:, :stored], self.sin[:, :stored])
+        table = self.rope_of_layer[layer]
+        rotate_in_place(keys[:, :, :stored], self.cos[table:table + 1, :stored], self.sin[table:table + 1, :stored])
         return keys, values
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

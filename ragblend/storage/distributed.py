@@ -39,7 +39,7 @@ class KVWorker:
         torch.set_num_threads(threads)
         loaded = load_model(model, device="cpu")
         self.fingerprint = loaded.fingerprint
-        self.spans = SpanComputer(loaded.decoder, loaded.head_dim, prefix_ids)
+        self.spans = SpanComputer(loaded.decoder, prefix_ids)
         self.kv = None
         if backend is not None:  # a shared backend: no folder
             self.kv = KVStore(open_env(Path(), False, backend), kv_fingerprint, dtype=kv_dtype)

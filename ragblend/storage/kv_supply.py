@@ -28,7 +28,7 @@ class ChunkTokens(Protocol):
 class KVSupply:
     def __init__(self, store: Store, model: LoadedModel, prefix_ids: Sequence[int], max_batch_tokens: int = 4096):
         self.store = store
-        self.spans = SpanComputer(model.decoder, model.head_dim, prefix_ids, max_batch_tokens)
+        self.spans = SpanComputer(model.decoder, prefix_ids, max_batch_tokens)
 
     def compute(self, token_lists: Sequence[Sequence[int]]) -> list[ChunkKV]:
         """Chunks' KV behind the prompt prefix, as computed (what is put in the store)."""

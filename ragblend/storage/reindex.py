@@ -73,7 +73,7 @@ def _compute(store: Store, target, model: LoadedModel, template: PromptTemplate,
              progress: bool) -> None:
     """New-fingerprint KV for every chunk that holds KV now, committed in batches (so a rerun resumes)."""
     new_kv = KVStore(store.env, target.kv_fingerprint, dtype=target.kv_dtype)
-    spans = SpanComputer(model.decoder, model.head_dim, template.prefix_ids)
+    spans = SpanComputer(model.decoder, template.prefix_ids)
     with store.env.begin() as txn:
         live = [r for r in store.docs.chunk_records(txn) if r.refs]
         report.chunks_without_kv = sum(1 for r in live if not store.kv.contains(txn, r.chunk_id))
