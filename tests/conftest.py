@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Each open LMDB store maps its whole cap (default 1 TiB) of address space, and the 128 TiB a process has run
+# out after ~120 stores that tests leave to the garbage collector: the suite's stores are tiny, so cap them.
+os.environ.setdefault("RAGBLEND_MAX_STORE_BYTES", str(16 << 30))
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -52,8 +53,8 @@ class SessionManager:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._closed = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep_loop, args=(sweep_every_s,), daemon=True,
-                                         name="ragblend-session-ttl")
+        self._sweeper = threading.Thread(target=_sweep_while_open, daemon=True, name="ragblend-session-ttl",
+                                         args=(weakref.ref(self), self._closed, sweep_every_s))
         self._sweeper.start()
 
     # ---- sessions as a whole ------------------------------------------------------------------
@@ -133,13 +134,6 @@ class SessionManager:
         self.saver.close()
         self._sweeper.join(timeout=5)
 
-    def _sweep_loop(self, every_s: float) -> None:
-        while not self._closed.wait(every_s):
-            try:
-                self.sweep()
-            except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next period
-                warnings.warn(f"ragblend: session TTL sweep failed: {exc}", stacklevel=1)
-
     def _session_lock(self, session_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(session_id, threading.Lock())
@@ -196,3 +190,17 @@ class SessionManager:
         answer = self.requests.answer(prefill, turn.request.sampling, stream, prompt_tokens,
                                       on_finish=self.saver.on_finish(done))
         return AnswerStream(answer, lambda _text: answer.answer, on_close=release) if stream else answer
+
+
+def _sweep_while_open(manager: weakref.ref, closed: threading.Event, every_s: float) -> None:
+    """The TTL sweep, holding the manager only while it sweeps: a RagBlend dropped without `close` is still
+    collected (with its store's mapping), and the thread ends with it."""
+    while not closed.wait(every_s):
+        alive = manager()
+        if alive is None:
+            return
+        try:
+            alive.sweep()
+        except Exception as exc:  # noqa: BLE001 - a failed sweep is retried next period
+            warnings.warn(f"ragblend: session TTL sweep failed: {exc}", stacklevel=1)
+        del alive
