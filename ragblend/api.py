@@ -1,6 +1,7 @@
 """The public entry point: `RagBlend(store_dir, model=..., embedder=...)`."""
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -109,7 +110,10 @@ class RagBlend:
         loop = EngineLoop(self.model, max_batch, decode_ram_bytes)
         self.requests = RequestPath(self.model, self.store, self.chunk_kv, loop, exact_paths)
         self.ingestor.expire()
-        self._session_ram_bytes = session_ram_bytes
+        # The session databases are opened here, on one thread: LMDB's dbi open is not safe against another
+        # thread's open or write transaction (concurrent first chat turns deadlocked in open_db).
+        self._session_store = SessionStore(self.store, session_ram_bytes)
+        self._session_lock = threading.Lock()
         self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
         self._sessions: SessionManager | None = None
 
@@ -224,10 +228,10 @@ class RagBlend:
 
     @property
     def session_manager(self) -> SessionManager:
-        if self._sessions is None:
-            store = SessionStore(self.store, self._session_ram_bytes)
-            self._sessions = SessionManager(store, self.requests, self.template, self._embed_one)
-            weakref.finalize(self, self._sessions.close)  # also at interpreter exit: pending saves finish
+        with self._session_lock:  # first turns of several threads at once: one manager
+            if self._sessions is None:
+                self._sessions = SessionManager(self._session_store, self.requests, self.template, self._embed_one)
+                weakref.finalize(self, self._sessions.close)  # also at interpreter exit: pending saves finish
         return self._sessions
 
     def _embed_one(self, text: str):

@@ -388,3 +388,24 @@ def test_a_damaged_turn_record_is_recomputed_not_served(rb):
     answer, reference = send_and_reference(rb, chat, "Where did she move?", PASSAGES[2:], mode="full")
     assert answer.timings["history_source"] == "recomputed"
     assert (answer.first_token_logits - reference).abs().max() < 2e-2
+
+
+def test_first_turns_of_several_threads_at_once_all_answer(rb):
+    """Sessions are opened lazily: concurrent first turns beside concurrent queries share one manager and
+    never deadlock on the store (LMDB databases opened while another thread wrote used to)."""
+    rb.add_documents(PASSAGES)
+    barrier, done = threading.Barrier(4), []
+
+    def client(i: int) -> None:
+        barrier.wait()
+        if i % 2:
+            done.append("".join(rb.query("Which river?", top_k=2, max_new_tokens=4, stream=True)))
+        else:
+            done.append("".join(rb.chat().send("Which river?", top_k=2, max_new_tokens=4, stream=True)))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(done) == 4 and not any(t.is_alive() for t in threads)
