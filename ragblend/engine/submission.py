@@ -3,14 +3,13 @@
 The loop thread fills it (the prefill's value, then text pieces, then the end or an error); the
 caller's thread reads it (`result()`, then iteration). Pieces are queued without bound, so a caller
 that stops reading never blocks the loop: its answer is generated into memory, at most max_new_tokens
-pieces. `close()` (or `cancel()`) asks the loop to drop the request at its next step, which releases
+pieces. `cancel()` (what closing the caller's stream calls) asks the loop to drop the request at its next step, which releases
 its decode cache; the request's answer is then never finished.
 """
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,6 @@ class Submission:
         a prefill alone, which takes no decode slot). `kv_bytes`: the decode cache it will hold at most."""
         self.prefill, self.decode, self.kv_bytes = prefill, decode, kv_bytes
         self.sequence: Sequence | None = None  # set by the loop once prefilled
-        self.submitted_at = time.perf_counter()
         self._value: Any = None
         self._error: BaseException | None = None
         self._started = threading.Event()
