@@ -189,7 +189,6 @@ def section_audit(base: Path, questions: list[str], held_out: list[str], levels:
 def _audit_agreement(base: Path, questions: list[str]) -> str:
     """Every one-shot answer audited (rate 1, one request at a time, the audit between them), then the same
     answers compared offline: each re-answered with full prefill on its own chunks, first lines compared."""
-    from ragblend.api import SearchHit
     from ragblend.eval.metrics import first_line
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,10 +202,7 @@ def _audit_agreement(base: Path, questions: list[str]) -> str:
         with RagBlend(Path(tmp) / "store", exact_paths=False) as rb:
             agree = 0
             for r in sent:
-                ids = [c["chunk_id"] for c in r["final"]["ragblend"]["chunks"]]
-                with rb.store.env.begin() as txn:
-                    chunks = [rb.store.docs.get_chunk(txn, i) for i in ids]
-                hits = [SearchHit(c.chunk_id, c.doc_id, 0.0, c.text, c.token_ids, c.position or 0) for c in chunks]
+                hits = rb.chunks([c["chunk_id"] for c in r["final"]["ragblend"]["chunks"]])
                 full = rb.query(r["question"], contexts=hits, mode="full", max_new_tokens=MAX_TOKENS)
                 agree += first_line(full.text) == first_line(r["text"])
     audited = view["audited"]

@@ -327,7 +327,7 @@ class RagBlend:
 
     def kv_bytes(self) -> dict[str, int]:
         """KV bytes held: conversations in RAM, chunks and conversations on disk, and the exact-path tree."""
-        sessions = self.session_manager.store
+        sessions = self._session_store
         with self.store.env.begin() as txn:
             disk = self.store.kv.payload_bytes(txn) + sessions.kv.payload_bytes(txn)
             paths = self.store.paths.kv.payload_bytes(txn)
