@@ -2,23 +2,25 @@
 
     python benchmarks/decode.py [--sections cache,weights,quality,batch,memory,e2e] [--contexts 2000,6000]
                                 [--tokens 64] [--questions 24] [--batch-context 2000,5500] [--memory-context 7000]
-                                [--weights-context 2000,5500] [--answer-tokens 32] [--write-docs]
+                                [--weights-context 2000,5500] [--answer-tokens 32] [--datasets synthetic,musique]
+                                [--passages 10] [--write-docs]
 
 cache: step time with transformers' DynamicCache (concatenates every token) against ragblend's decode
        cache (writes in place), at ~2k and ~6k context, and where a step's time goes (torch profiler).
 weights: float32, int8 and int4 decode weights side by side in alternating rounds of one run: one request's
          step at each --weights-context, a step of 4 requests at the first, the LM head alone and the share
          of the vocabulary the exact head recomputes, and the resident memory each option's weights add.
-quality: answers with each option against float32 on the synthetic eval set (--questions, passages as
-         contexts, greedy, full and blend): F1 to gold, correct, kept share, identical first lines, ms/token.
+quality: answers with each option against float32 on the synthetic set and MuSiQue (--datasets, --questions
+         each, --passages per MuSiQue question, as contexts; greedy, full and blend, every option decoding from
+         the same float32 prefill): F1 to gold, correct, kept share, identical first lines, ms/token.
 batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) context each, in alternating rounds in one run
        (so a busy machine slows them alike): step time, per-request latency, aggregate throughput,
        against one request at a time on transformers' forward (the decode before batching).
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
 llamacpp: one request's decode step against llama.cpp's llama-cli (--llama-cli PATH, built by you)
           on the bundled Q4_1 GGUF, at each --batch-context, fp32, int8 and int4 decode weights.
-e2e: a 32-token blend answer over 10 MuSiQue passages, decoded the way before issue 15 and today's way
-     from the same prefill (--questions of them; e2e is not in the default sections).
+e2e: a 32-token blend answer over 10 MuSiQue passages, decoded by each option from the same float32
+     prefill (--questions of them; e2e is not in the default sections).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from ragblend.api import RagBlend  # noqa: E402
 from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E402
 from ragblend.eval.metrics import best_f1, contains_answer, first_line, keeps  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
-from ragblend.engine.generate import SamplingConfig, Sequence, feed, step  # noqa: E402
+from ragblend.engine.generate import SamplingConfig, Sequence, decode, feed, step  # noqa: E402
 from ragblend.engine.gguf import SMOLLM2  # noqa: E402
 from ragblend.engine.model import load_model, with_decode_weights  # noqa: E402
 
@@ -197,38 +199,68 @@ def section_weights(model, contexts: list[int], tokens: int, rounds: int = 4) ->
     return "\n".join(lines)
 
 
-def section_quality(model, questions: int, tokens: int = 32) -> str:
-    records = make_synthetic(questions, seed=7, passages=6)
+def quality_records(dataset: str, questions: int, passages: int) -> list[tuple[str, list[str], list[str]]]:
+    """(question, passages, gold answers) of the synthetic set (seed 7, 6 passages) or MuSiQue."""
+    if dataset == "synthetic":
+        return [(r["question"], [c["text"] for c in r["ctxs"]], r["answers"])
+                for r in make_synthetic(questions, seed=7, passages=6)]
+    records = musique_records() or []
+    return [(r["question"], [f"{c['title']}\n{c['text']}" for c in r["ctxs"][:passages]], r["answers"])
+            for r in records[:questions]]
+
+
+def decoded(option, prepared, tokens: int) -> tuple[str, list[int], float]:
+    """A greedy answer decoded with `option`'s weights from a float32 prefill (text, tokens, seconds);
+    the prefill's cache is cropped back to its prompt afterwards, so every option starts from it."""
+    cache, length, generated = prepared.prefill.cache, len(prepared.layout), []
+    began = time.perf_counter()
+    text = "".join(decode(option, cache, prepared.prefill.logits, length, SamplingConfig(max_new_tokens=tokens),
+                          generated))
+    elapsed = time.perf_counter() - began
+    cache.crop(length - cache.get_seq_length())  # crop takes the (negative) count to remove
+    return text, generated, elapsed
+
+
+def section_quality(model, dataset: str, questions: int, passages: int, tokens: int = 32) -> str:
+    """Each decode option's answers from one float32 prefill per question and mode (so the options differ
+    in their decode alone), against float32's and the gold answers."""
+    records = quality_records(dataset, questions, passages)
+    if not records:
+        return "skipped: no evaluation data"
     options, _ = decode_options(model)
-    lines = [f"{questions} synthetic questions (seed 7, 6 passages each as contexts, greedy, up to {tokens} new "
-             "tokens). Prefill is float32 for every option, so the first token is the same; correct = the gold "
-             "answer in the first line; kept = share of float32's correct answers the option also gets right.", "",
-             "| mode | decode weights | F1 to gold | correct | kept | first line identical to float32 | "
-             "tokens identical | ms per token |", "|---|---|---|---|---|---|---|---|"]
+    found = {(mode, w): [] for mode in ("full", "blend") for w in WEIGHTS}
     with tempfile.TemporaryDirectory() as tmp:
         # The tree off: full's paths would make the blend rows full prefill's answers (loaded, not fused).
-        rbs = {w: RagBlend(Path(tmp) / "store", model=option, exact_paths=False) for w, option in options.items()}
-        for mode in ("full", "blend"):
-            answers = {w: [] for w in WEIGHTS}
-            for record in records:
-                passages = [c["text"] for c in record["ctxs"]]
-                for weights, rb in rbs.items():  # alternating: a busy machine slows them alike
-                    answers[weights].append(rb.query(record["question"], contexts=passages, mode=mode,
-                                                     max_new_tokens=tokens))
-            correct = {w: [contains_answer(a.text, r["answers"]) for a, r in zip(answers[w], records)] for w in WEIGHTS}
-            for weights in WEIGHTS:
-                pairs = list(zip(answers["float32"], answers[weights]))
-                f1 = statistics.mean(best_f1(a.text, r["answers"]) for a, r in zip(answers[weights], records))
-                kept = keeps(correct["float32"], correct[weights])
-                ms = statistics.median(1e3 * a.timings["decode_s"] / len(a.token_ids) for a in answers[weights]
-                                       if len(a.token_ids) > 1)
-                lines.append(f"| {mode} | {weights} | {f1:.3f} | {sum(correct[weights])} of {questions} | "
-                             f"{'n/a' if kept is None else f'{kept:.0%}'} | "
-                             f"{sum(first_line(a.text) == first_line(b.text) for a, b in pairs)} of {questions} | "
-                             f"{sum(a.token_ids == b.token_ids for a, b in pairs)} of {questions} | {ms:.1f} |")
-                print(lines[-1], flush=True)
-        for rb in rbs.values():
-            rb.close()
+        rb = RagBlend(Path(tmp) / "store", model=model, exact_paths=False)
+        for number, (question, contexts, _) in enumerate(records):
+            for mode in ("full", "blend"):
+                prepared = rb.prefill(question, contexts=contexts, mode=mode)
+                for weights, option in options.items():  # alternating: a busy machine slows them alike
+                    found[mode, weights].append(decoded(option, prepared, tokens))
+            print(f"{dataset} {number + 1}/{len(records)}", flush=True)
+        rb.close()
+    golds = [gold for _, _, gold in records]
+    shape = "6 passages each" if dataset == "synthetic" else f"{passages} passages each (MuSiQue)"
+    lines = [f"{len(records)} {dataset} questions ({shape} as contexts, greedy, up to {tokens} new tokens). Each "
+             "question is prefilled once per mode in float32 and decoded by every option from that prefill, so the "
+             "options differ in their decode alone (and share the first token); correct = a gold answer in the "
+             "first line; kept = share of float32's correct answers the option also gets right.", "",
+             "| mode | decode weights | F1 to gold | correct | kept | first line identical to float32 | "
+             "tokens identical | ms per token |", "|---|---|---|---|---|---|---|---|"]
+    for mode in ("full", "blend"):
+        reference = found[mode, "float32"]
+        correct = {w: [contains_answer(text, gold) for (text, _, _), gold in zip(found[mode, w], golds)] for w in WEIGHTS}
+        for weights in WEIGHTS:
+            answers = found[mode, weights]
+            f1 = statistics.mean(best_f1(text, gold) for (text, _, _), gold in zip(answers, golds))
+            kept = keeps(correct["float32"], correct[weights])
+            ms = statistics.median(1e3 * s / len(ids) for _, ids, s in answers if ids)
+            same_line = sum(first_line(a[0]) == first_line(b[0]) for a, b in zip(reference, answers))
+            same_tokens = sum(a[1] == b[1] for a, b in zip(reference, answers))
+            lines.append(f"| {mode} | {weights} | {f1:.3f} | {sum(correct[weights])} of {len(records)} | "
+                         f"{'n/a' if kept is None else f'{kept:.0%}'} | {same_line} of {len(records)} | "
+                         f"{same_tokens} of {len(records)} | {ms:.1f} |")
+    print("\n".join(lines[-6:]), flush=True)
     return "\n".join(lines)
 
 
@@ -257,41 +289,37 @@ def section_batch(model, context: int, tokens: int, rounds: int = 4) -> str:
 
 
 def section_e2e(model, questions: int, answer_tokens: int) -> str:
-    """A blend answer of `answer_tokens` tokens over 10 MuSiQue passages: TTFT, then the decode steps of the
-    transformers forward over a concatenating DynamicCache (the path before issue 15) against today's step,
-    both from the same prefill."""
+    """A blend answer of `answer_tokens` tokens over 10 MuSiQue passages: TTFT (float32 prefill, the same for
+    every option), then the decode steps of each decode-weights option from that prefill."""
     records = musique_records()
     if records is None:
         return "skipped: no evaluation data"
+    options, _ = decode_options(model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rb = RagBlend(Path(tmp) / "store", model=model)
+        rb = RagBlend(Path(tmp) / "store", model=model, exact_paths=False)
         for record in records[:questions]:
             passages = [f"{c['title']}\n{c['text']}" for c in record["ctxs"][:10]]
             rb.prefill(record["question"], contexts=passages)  # stores the passages' KV
             prepared = rb.prefill(record["question"], contexts=passages)
-            cache, length = prepared.prefill.cache, len(prepared.layout)
-            before = DynamicCache()
-            for index, layer in enumerate(cache.layers):
-                before.update(layer.keys.clone(), layer.values.clone(), index)
-            old = [time.perf_counter()]
-            for i in range(answer_tokens - 1):
-                feed(model, before, [200 + i], length + i)
-                old.append(time.perf_counter())
-            sequence = Sequence(model, cache, prepared.prefill.logits, length, SamplingConfig(), [])
-            new = sum(timed_steps(model, [sequence], answer_tokens - 1, True))
-            rows.append((prepared.timings["ttft_s"], old[-1] - old[0], new, length))
+            length = len(prepared.layout)
+            sequence = Sequence(model, prepared.prefill.cache, prepared.prefill.logits, length, SamplingConfig(), [])
+            steps = {w: sum(timed_steps(option, [sequence], answer_tokens - 1, True)) for w, option in options.items()}
+            rows.append((prepared.timings["ttft_s"], steps, length))
+            print(rows[-1], flush=True)
         rb.close()
-    ttft, old, new = (statistics.median(r[i] for r in rows) for i in range(3))
-    return (f"{questions} MuSiQue questions x 10 passages (median prompt {statistics.median(r[3] for r in rows):,.0f} "
-            f"tokens), blend, a {answer_tokens}-token answer (fixed tokens), medians:\n\n"
-            "| decode path | TTFT | decode after the first token | answer end to end | ms per token |\n"
-            "|---|---|---|---|---|\n"
-            f"| transformers forward, concatenating DynamicCache (before) | {ttft:.2f} s | {old:.2f} s | {ttft + old:.2f} s "
-            f"| {old * 1e3 / (answer_tokens - 1):.0f} |\n"
-            f"| in-place cache, packed batched step (now) | {ttft:.2f} s | {new:.2f} s | {ttft + new:.2f} s "
-            f"| {new * 1e3 / (answer_tokens - 1):.0f} |\n\n"
-            f"End to end now / before: {(ttft + new) / (ttft + old):.2f}x; decode alone {new / old:.2f}x.")
+    ttft = statistics.median(r[0] for r in rows)
+    lines = [f"{questions} MuSiQue questions x 10 passages (median prompt {statistics.median(r[2] for r in rows):,.0f} "
+             f"tokens), blend, a {answer_tokens}-token answer (fixed tokens), each option decoding from the same "
+             "float32 prefill, medians:", "",
+             "| decode weights | TTFT | decode after the first token | answer end to end | vs float32 | ms per token |",
+             "|---|---|---|---|---|---|"]
+    base = ttft + statistics.median(r[1]["float32"] for r in rows)
+    for weights in WEIGHTS:
+        decode_s = statistics.median(r[1][weights] for r in rows)
+        lines.append(f"| {weights} | {ttft:.2f} s | {decode_s:.2f} s | {ttft + decode_s:.2f} s | "
+                     f"{(ttft + decode_s) / base:.2f}x | {decode_s * 1e3 / (answer_tokens - 1):.0f} |")
+    return "\n".join(lines)
 
 
 def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: int = 2) -> float:
@@ -365,6 +393,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="2000,6000")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--questions", type=int, default=24)
+    parser.add_argument("--datasets", default="synthetic,musique", help="quality: synthetic and/or musique")
+    parser.add_argument("--passages", type=int, default=10, help="quality: MuSiQue passages per question")
     parser.add_argument("--batch-context", default="2000", help="contexts per request, e.g. 2000,5500")
     parser.add_argument("--answer-tokens", type=int, default=32, help="e2e: tokens per answer")
     parser.add_argument("--llama-cli", help="llamacpp: path to llama.cpp's llama-cli binary")
@@ -383,8 +413,10 @@ def main() -> None:
         report("decode-weights", section_weights(model, contexts, args.tokens),
                f"{command} weights --weights-context {args.weights_context} --tokens {args.tokens}", write)
     if "quality" in sections:
-        report("decode-quality", section_quality(model, args.questions),
-               f"{command} quality --questions {args.questions}", write)
+        for dataset in args.datasets.split(","):
+            report(f"decode-quality-{dataset}", section_quality(model, dataset, args.questions, args.passages),
+                   f"{command} quality --datasets {dataset} --questions {args.questions} --passages {args.passages}",
+                   write)
     if "batch" in sections:
         for context in [int(c) for c in args.batch_context.split(",")]:
             report(f"decode-batch-{context}", section_batch(model, context, args.tokens),
