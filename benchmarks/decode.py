@@ -1,6 +1,6 @@
 """Decode with the real model.
 
-    python benchmarks/decode.py [--sections cache,weights,quality,batch,memory,e2e] [--contexts 2000,6000]
+    python benchmarks/decode.py [--sections cache,weights,quality,batch,memory,e2e,floor] [--contexts 2000,6000]
                                 [--tokens 64] [--questions 24] [--batch-context 2000,5500] [--memory-context 7000]
                                 [--weights-context 2000,5500] [--answer-tokens 32] [--datasets synthetic,musique]
                                 [--passages 10] [--write-docs]
@@ -19,6 +19,9 @@ batch: batched decode of 1, 2 and 4 requests at ~2k (or each --batch-context) co
 memory: resident memory during one ~7k-token request's decode against its KV and the weights.
 llamacpp: one request's decode step against llama.cpp's llama-cli (--llama-cli PATH, built by you)
           on the bundled Q4_1 GGUF, at each --batch-context, fp32, int8 and int4 decode weights.
+floor: where one request's int4 step goes at each --weights-context (attention, Linear calls, LM head, the
+       rest, each measured by stubbing it out of the real step), and attention alone over float32 against
+       bfloat16 caches (floor is not in the default sections).
 e2e: a 32-token blend answer over 10 MuSiQue passages, decoded by each option from the same float32
      prefill (--questions of them; e2e is not in the default sections).
 """
@@ -43,6 +46,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from ragblend.api import RagBlend  # noqa: E402
+import ragblend.engine.decode_step as decode_step_module  # noqa: E402
+from ragblend.engine.decode_attention import decode_attention  # noqa: E402
 from ragblend.engine.decode_cache import SPARE_TOKENS, decode_cache  # noqa: E402
 from ragblend.eval.metrics import best_f1, contains_answer, first_line, keeps  # noqa: E402
 from ragblend.eval.synthetic import make_synthetic  # noqa: E402
@@ -365,6 +370,79 @@ def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> st
         "|---|---|---|---|---|", *rows])
 
 
+def attention_ms(context: int, dtype: torch.dtype, layers: int, kv_heads: int, group: int, dim: int,
+                 repeats: int = 15) -> float:
+    """One step's attention alone (every layer's decode_attention over a random cache of `context` keys in
+    `dtype`, with the decode cache's spare rows), median of `repeats`."""
+    q = torch.randn(1, kv_heads, group, dim).to(dtype)
+    caches = [(torch.randn(1, kv_heads, context + SPARE_TOKENS, dim).to(dtype)[:, :, :context],
+               torch.randn(1, kv_heads, context + SPARE_TOKENS, dim).to(dtype)[:, :, :context]) for _ in range(layers)]
+    times = []
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        for keys, values in caches:
+            decode_attention(q, keys, values, dim ** -0.5).float()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[1:]) * 1e3
+
+
+class Stubbed:
+    """A decode step with its attention and/or its Linear calls replaced by outputs of the right shape and
+    no work, to measure what each part costs inside a real step (a measurement tool, nothing else)."""
+
+    def __init__(self, option):
+        self.step = option.decode_step
+        self.linears = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down) for layer in self.step.layers]
+
+    def __call__(self, attention: bool, linears: bool) -> None:
+        decode_step_module.decode_attention = (lambda q, k, v, scale: q) if attention else decode_attention
+        hidden = self.step.decoder.embed_tokens.weight.shape[1]
+        for layer, real in zip(self.step.layers, self.linears):
+            if linears:
+                widths = (sum(layer.qkv_sizes), hidden, sum(layer.gate_up_sizes), hidden)
+                layer.qkv, layer.o_proj, layer.gate_up, layer.down = (
+                    lambda x, n=n: torch.zeros(x.shape[0], n) for n in widths)
+            else:
+                layer.qkv, layer.o_proj, layer.gate_up, layer.down = real
+
+
+def section_floor(model, contexts: list[int], tokens: int, rounds: int = 6) -> str:
+    """Where one request's int4 decode step goes (the real step with parts stubbed, interleaved), and
+    attention alone over float32 against bfloat16 caches (the lever a smaller decode cache would pull)."""
+    option = with_decode_weights(model, "int4")
+    config = model.config
+    shape = (config.num_hidden_layers, config.num_key_value_heads,
+             config.num_attention_heads // config.num_key_value_heads, model.decoder.head_dim)
+    variants = {"step": (False, False), "attention": (True, False), "linears": (False, True), "rest": (True, True)}
+    lines = [f"One request's int4 decode step, median over {tokens} tokens per variant in {rounds} interleaved rounds: "
+             "the step, and the step with its attention or its Linear calls (120 projections) stubbed out (each "
+             "part's cost = the step minus the step without it; the rest is norms, RoPE, cache writes, residuals, "
+             "the exact head and Python). Attention alone: the step's 30 decode_attention calls over random caches "
+             "of the same shape, float32 against bfloat16, median of 15.", "",
+             "| context | int4 step | attention | int4 Linear calls | LM head (exact, int8 scores) | rest | "
+             "attention alone, float32 cache | attention alone, bfloat16 cache |", "|---|---|---|---|---|---|---|---|"]
+    for context in contexts:
+        sequence = Sequence(option, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
+        stubbed, times = Stubbed(option), {name: [] for name in variants}
+        timed_steps(option, [sequence], 4, True)
+        try:
+            for _ in range(rounds):
+                for name, parts in variants.items():
+                    stubbed(*parts)
+                    times[name] += timed_steps(option, [sequence], max(1, tokens // rounds), True)
+        finally:
+            stubbed(False, False)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        head = head_ms(option, sequence)
+        alone = {dtype: attention_ms(context, dtype, *shape) for dtype in (torch.float32, torch.bfloat16)}
+        lines.append(f"| {context:,} | {ms['step']:.1f} ms | {ms['step'] - ms['attention']:.1f} ms | "
+                     f"{ms['step'] - ms['linears']:.1f} ms | {head:.1f} ms | {ms['rest'] - head:.1f} ms | "
+                     f"{alone[torch.float32]:.1f} ms | {alone[torch.bfloat16]:.1f} ms "
+                     f"({alone[torch.bfloat16] / alone[torch.float32]:.2f}x) |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def rss_mb(field: str) -> float:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(status[field].split()[0]) / 1024
@@ -430,6 +508,10 @@ def main() -> None:
         contexts = [int(c) for c in args.batch_context.split(",")]
         report("decode-llamacpp", section_llamacpp(model, args.llama_cli, contexts, args.tokens),
                f"{command} llamacpp --llama-cli PATH --batch-context {args.batch_context} --tokens {args.tokens}", write)
+    if "floor" in sections:
+        contexts = [int(c) for c in args.weights_context.split(",")]
+        report("decode-floor", section_floor(model, contexts, args.tokens),
+               f"{command} floor --weights-context {args.weights_context} --tokens {args.tokens}", write)
     if "memory" in sections:
         report("decode-memory", section_memory(model, args.memory_context, args.tokens),
                f"{command} memory --memory-context {args.memory_context} --tokens {args.tokens}", write)
