@@ -13,7 +13,7 @@ from conftest import make_tiny_model_dir
 from ragblend.api import RagBlend
 from ragblend.serve.audit import Audit
 from ragblend.serve.launch import ServerProcess
-from ragblend.serve.scheduler import Job, Scheduler
+from ragblend.serve.admission import Job, Scheduler
 from ragblend.storage.calibration import Calibration, write_calibration
 
 DOCS = ["The lighthouse of Varn was built in 1821 by the engineer Oda Pell.",

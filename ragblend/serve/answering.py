@@ -14,7 +14,7 @@ from ragblend.answer import Answer, AnswerStream
 from ragblend.api import RagBlend
 from ragblend.chat import Chat
 from ragblend.serve.conversation import Conversation, check_continues
-from ragblend.serve.scheduler import Job
+from ragblend.serve.admission import Job
 from ragblend.serve.schemas import Generation
 
 

@@ -38,7 +38,7 @@ from ragblend.serve.render import (
     error_body,
     usage,
 )
-from ragblend.serve.scheduler import Cancelled, Job, Overloaded, Scheduler
+from ragblend.serve.admission import Cancelled, Job, Overloaded, Scheduler
 from ragblend.serve.schemas import (
     LIMITS,
     ChatRequest,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ragblend.serve.scheduler import Cancelled, Job, Overloaded, Scheduler
+from ragblend.serve.admission import Cancelled, Job, Overloaded, Scheduler
 
 
 def blocker() -> tuple[Job, threading.Event]:
