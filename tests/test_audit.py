@@ -13,7 +13,7 @@ from conftest import make_tiny_model_dir
 from ragblend.api import RagBlend
 from ragblend.serve.audit import Audit
 from ragblend.serve.launch import ServerProcess
-from ragblend.serve.admission import Job, Scheduler
+from ragblend.serve.admission import AdmissionQueue, Job
 from ragblend.storage.calibration import Calibration, write_calibration
 
 DOCS = ["The lighthouse of Varn was built in 1821 by the engineer Oda Pell.",
@@ -30,10 +30,10 @@ def rb(tiny_model, embedder, tmp_path_factory) -> RagBlend:
 
 
 @pytest.fixture
-def scheduler():
-    scheduler = Scheduler(max_queue=4, prefetch=False)
-    yield scheduler
-    scheduler.close()
+def admission():
+    admission = AdmissionQueue(max_queue=4, prefetch=False)
+    yield admission
+    admission.close()
 
 
 def offer(audit: Audit, answer, **changes) -> bool:
@@ -49,12 +49,12 @@ def wait_for(condition, timeout_s: float = 60) -> None:
         time.sleep(0.02)
 
 
-def test_the_audit_never_runs_while_a_request_waits_or_runs(rb, scheduler):
-    audit = Audit(rb, 1.0, lambda: scheduler.depth, CollectorRegistry())
+def test_the_audit_never_runs_while_a_request_waits_or_runs(rb, admission):
+    audit = Audit(rb, 1.0, lambda: admission.depth, CollectorRegistry())
     try:
         release = threading.Event()
-        running = scheduler.submit(Job(lambda job: release.wait(30)))
-        waiting = scheduler.submit(Job(lambda job: time.sleep(0.3)))
+        running = admission.submit(Job(lambda job: release.wait(30)))
+        waiting = admission.submit(Job(lambda job: time.sleep(0.3)))
         assert offer(audit, rb.query(QUESTION, max_new_tokens=4))
         time.sleep(0.5)
         assert audit.view()["audited"] == 0 and audit.view()["pending"] == 1  # held back behind both requests
@@ -92,10 +92,10 @@ def calibrate_to(rb, target: float) -> None:
         ttft_vs_full=0.5, date="2026-01-01T00:00:00+00:00", met=True))
 
 
-def test_below_the_calibrated_target_it_warns_once_per_window_and_exports_metrics(rb, scheduler, caplog):
+def test_below_the_calibrated_target_it_warns_once_per_window_and_exports_metrics(rb, admission, caplog):
     calibrate_to(rb, 0.9)
     registry = CollectorRegistry()
-    audit = Audit(rb, 1.0, lambda: scheduler.depth, registry, window=2)
+    audit = Audit(rb, 1.0, lambda: admission.depth, registry, window=2)
     different = replace(rb.query(QUESTION, max_new_tokens=4), text="an answer full prefill did not give")
     try:
         with caplog.at_level(logging.WARNING, logger="ragblend.audit"):

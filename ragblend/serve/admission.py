@@ -48,7 +48,7 @@ class Job:
             raise Cancelled("the client went away")
 
 
-class Scheduler:
+class AdmissionQueue:
     def __init__(self, max_queue: int, prefetch: bool = True, workers: int = 1):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")

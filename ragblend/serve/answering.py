@@ -1,4 +1,4 @@
-"""One answer request as a scheduler job: what it prefetches while queued, and what the worker runs.
+"""One answer request as an admission-queue job: what it prefetches while queued, and what the worker runs.
 
 The body becomes the one Request type (Generation.request), answered by `RagBlend.answer` or a
 session's `Chat.answer`, so the server answers exactly as the Python API does. The worker always reads

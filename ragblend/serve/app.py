@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP surface over one RagBlend: chat and plain completions (streamed or not),
 search, document management, store stats, health, readiness and metrics, and a chat page at `/`.
-Answers queue in the scheduler; errors come back in OpenAI's format."""
+Answers wait in the admission queue; errors come back in OpenAI's format."""
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +38,7 @@ from ragblend.serve.render import (
     error_body,
     usage,
 )
-from ragblend.serve.admission import Cancelled, Job, Overloaded, Scheduler
+from ragblend.serve.admission import AdmissionQueue, Cancelled, Job, Overloaded
 from ragblend.serve.schemas import (
     LIMITS,
     ChatRequest,
@@ -106,10 +106,10 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 
 def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
-    scheduler = Scheduler(config.max_queue, prefetch=config.prefetch, workers=rb.max_batch)
+    admission = AdmissionQueue(config.max_queue, prefetch=config.prefetch, workers=rb.max_batch)
     jobs = IngestJobs(lambda docs, ttl_s, namespace: rb.ingest(docs, progress=False, ttl_s=ttl_s, namespace=namespace))
-    metrics = Metrics(lambda: scheduler.depth, rb.kv_bytes, rb.engine_stats)
-    audit = Audit(rb, config.audit_rate, lambda: scheduler.depth, metrics.registry)
+    metrics = Metrics(lambda: admission.depth, rb.kv_bytes, rb.engine_stats)
+    audit = Audit(rb, config.audit_rate, lambda: admission.depth, metrics.registry)
     model_name = Path(rb.model.name).name
     started = int(time.time())
 
@@ -117,7 +117,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     async def lifespan(_app: FastAPI):
         yield
         # uvicorn stops taking requests and lets running ones finish first; then nothing is dropped:
-        await asyncio.to_thread(scheduler.close)
+        await asyncio.to_thread(admission.close)
         await asyncio.to_thread(audit.close)
         await asyncio.to_thread(jobs.close)
         await asyncio.to_thread(rb.close)
@@ -181,7 +181,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
 
         started_at = time.perf_counter()
         try:
-            job = scheduler.submit(Job(run, work.prefetch))
+            job = admission.submit(Job(run, work.prefetch))
         except Overloaded as exc:
             return _error_response(exc)
         result = asyncio.wrap_future(job.future)
@@ -270,7 +270,7 @@ def create_app(rb: RagBlend, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/readyz")
     async def readyz(_namespace: str = Depends(tenant)):
         stats = await asyncio.to_thread(rb.stats)
-        return {"status": "ready", "model": model_name, "documents": stats.documents, "queue": scheduler.depth}
+        return {"status": "ready", "model": model_name, "documents": stats.documents, "queue": admission.depth}
 
     @app.get("/v1/audit")
     async def audit_view(_namespace: str = Depends(tenant)):

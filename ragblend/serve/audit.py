@@ -7,7 +7,7 @@ the share is exact and the same traffic gives the same sample). The re-answer se
 tokens: the request's own contexts, or the chunks it retrieved, by chunk id.
 
 When: a sampled request waits in the audit's queue (bounded; beyond it the oldest is dropped) until the
-scheduler holds no request, queued or running. The audit then answers with full prefill on its own
+admission queue holds no request, queued or running. The audit then answers with full prefill on its own
 thread, and gives up the answer at its next token as soon as a request arrives, to retry it at the next
 idle moment (twice at most). So a request never waits behind an audit that has started decoding; one
 that arrives during the audit's prefill waits for that prefill (one full prefill, the engine loop's bound).
@@ -70,7 +70,7 @@ class _Totals:
 class Audit:
     def __init__(self, rb: RagBlend, rate: float, busy: Callable[[], int], registry: CollectorRegistry,
                  window: int = 100, queue_max: int = 64):
-        """`busy`: requests queued or running (the scheduler's depth); the audit runs only at 0."""
+        """`busy`: requests queued or running (the admission queue's depth); the audit runs only at 0."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"audit rate must be in [0, 1], got {rate}")
         if window < 1 or queue_max < 1:
