@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers loads: every model is local, never downloaded
 
+from kvchunks.backends import StoreClosedError
 from ragblend.api import RagBlend, SearchHit
 from ragblend.chat import Chat
 from ragblend.query import Request
@@ -12,5 +13,5 @@ from ragblend.storage.session_store import SessionInfo, SessionNotFoundError
 from ragblend.storage.store import StoreMismatchError
 
 __all__ = ["BlendConfig", "Chat", "Document", "DocumentError", "RagBlend", "Request", "SearchHit", "SessionInfo",
-           "SessionNotFoundError", "StoreMismatchError"]
+           "SessionNotFoundError", "StoreClosedError", "StoreMismatchError"]
 __version__ = "0.1.0"

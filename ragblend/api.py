@@ -6,6 +6,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -116,6 +117,10 @@ class RagBlend:
         self._session_lock = threading.Lock()
         self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
         self._sessions: SessionManager | None = None
+        self._started: list[SessionManager] = []  # what `_release` closes (holds nothing of this RagBlend)
+        # Also when this RagBlend is collected or the interpreter exits without `close`: pending session
+        # saves finish, then the store's environment is released (LMDB keeps a mapping open until then).
+        self._release = weakref.finalize(self, _release, self._started, self.store)
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False,
                       ttl_s: float | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
@@ -230,15 +235,16 @@ class RagBlend:
     def session_manager(self) -> SessionManager:
         with self._session_lock:  # first turns of several threads at once: one manager
             if self._sessions is None:
-                self._sessions = SessionManager(self._session_store, self.requests, self.template, self._embed_one)
-                weakref.finalize(self, self._sessions.close)  # also at interpreter exit: pending saves finish
+                embed = partial(_embed_one, self.embedder)  # not a method of ours: `_release` must not hold us
+                self._sessions = SessionManager(self._session_store, self.requests, self.template, embed)
+                self._started.append(self._sessions)
         return self._sessions
 
-    def _embed_one(self, text: str):
-        return self.embedder.embed([text])[0]
-
     def close(self) -> None:
-        """Wait for running answers and pending session saves, record KV uses, and stop background work."""
+        """Wait for running answers and pending session saves, record KV uses, stop background work and
+        release the store (its LMDB mapping closes once no other RagBlend in the process uses the folder)."""
+        if not self._release.alive:
+            return
         self.requests.loop.close()
         if self._sessions is not None:
             self._sessions.close()
@@ -247,6 +253,7 @@ class RagBlend:
             self.store.enforce_budget()
         except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints
             warnings.warn(f"chunk KV use times not recorded: {exc}", RuntimeWarning, stacklevel=2)
+        self._release()
 
     def __enter__(self) -> RagBlend:
         return self
@@ -399,3 +406,15 @@ class RagBlend:
         if record is None or record.namespace != namespace:
             return None
         return record if token_ids is None or list(token_ids) == record.token_ids else None
+
+
+def _embed_one(embedder: Embedder, text: str):
+    return embedder.embed([text])[0]
+
+
+def _release(managers: list[SessionManager], store: Store) -> None:
+    """What closing a RagBlend ends last: its sessions' background work (pending saves finish), then its
+    hold on the store's environment. Holds nothing of the RagBlend, so a dropped one is collected."""
+    for manager in managers:
+        manager.close()
+    store.close()

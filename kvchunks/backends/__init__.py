@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvchunks.backends.errors import BackendUnavailableError, StoreFullError
+from kvchunks.backends.errors import BackendUnavailableError, StoreClosedError, StoreFullError
 from kvchunks.backends.lmdb_env import LmdbEnv
 
-__all__ = ["BackendUnavailableError", "StoreFullError", "open_env", "release_env"]
+__all__ = ["BackendUnavailableError", "StoreClosedError", "StoreFullError", "open_env", "release_env"]
 
 _OPEN: dict[str, object] = {}
 _USERS: dict[str, int] = {}

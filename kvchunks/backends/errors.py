@@ -9,3 +9,7 @@ class StoreFullError(RuntimeError):
 
 class BackendUnavailableError(ConnectionError):
     """The shared backend cannot be reached (down, restarting, wrong URL)."""
+
+
+class StoreClosedError(RuntimeError):
+    """The store was closed (its RagBlend's `close()`); open a new RagBlend on the folder to use it again."""

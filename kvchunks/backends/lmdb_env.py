@@ -11,6 +11,8 @@ from pathlib import Path
 
 import lmdb
 
+from kvchunks.backends.errors import StoreClosedError
+
 MAX_STORE_BYTES_ENV = "RAGBLEND_MAX_STORE_BYTES"  # caps a store's file; default 1 TiB of address space
 
 
@@ -28,12 +30,18 @@ class LmdbEnv:
         if readonly and not (path / "data.mdb").is_file():
             raise FileNotFoundError(f"no ragblend store at {path}")
         self.env = lmdb.open(str(path.resolve()), map_size=_map_size(), max_dbs=32, readonly=readonly)
+        self.closed = False
 
     def begin(self, write: bool = False, buffers: bool = False) -> lmdb.Transaction:
-        return self.env.begin(write=write, buffers=buffers)
+        return self._open().begin(write=write, buffers=buffers)
 
     def open_db(self, name: bytes, txn: lmdb.Transaction | None = None, create: bool = True):
-        return self.env.open_db(name, txn=txn, create=create)
+        return self._open().open_db(name, txn=txn, create=create)
+
+    def _open(self) -> lmdb.Environment:
+        if self.closed:  # LMDB's own error names no store ("operate on closed/deleted/dropped object")
+            raise StoreClosedError(f"the ragblend store at {self.path} was closed (its RagBlend's close())")
+        return self.env
 
     def warm(self, txn: lmdb.Transaction, db, keys: list[bytes]) -> None:
         """Reads here are page-cache hits; nothing to fetch ahead."""
@@ -45,4 +53,5 @@ class LmdbEnv:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def close(self) -> None:
+        self.closed = True
         self.env.close()
