@@ -44,6 +44,15 @@ def test_a_layer_the_definition_cannot_describe_is_refused(tmp_path, smollm_dir)
         load_model(save_model_dir(model, tmp_path / "gpt2", smollm_dir), device="cpu")
 
 
+@pytest.mark.parametrize("model_type", ["ernie4_5", "granite", "olmo", "stablelm"])
+def test_a_family_whose_layers_only_look_alike_is_refused(tmp_path, smollm_dir, model_type):
+    """Same module names, other arithmetic: Ernie 4.5 rotates queries differently (7e-3 off HF's logits
+    when it was accepted by shape), Granite scales embeddings, residuals and logits, OLMo and StableLM
+    normalise with LayerNorm."""
+    with pytest.raises(UnsupportedModelError, match=f"{model_type}.*not a family"):
+        load_model(save_model(tmp_path, smollm_dir, model_type), device="cpu")
+
+
 def test_a_mistral_sliding_window_is_honoured_past_the_window(tmp_path, smollm_dir):
     """Every layer of a windowed Mistral sees only its window: a prompt four windows long equals HF's forward."""
     model = load_model(save_model(tmp_path, smollm_dir, "mistral", sliding_window=16), device="cpu")

@@ -17,6 +17,10 @@ MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 SANDWICH_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma's norms around the MLP
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, SmolLM and Gemma 3 text"
 GEMMA3 = "gemma3_text"  # Gemma's (1 + weight) norms
+# The model types the layer definition is tested against (equal to HF's forward, tests/test_model_support.py).
+# Others with the same module names compute differently: Ernie 4.5's RoPE (7e-3 off HF's logits when accepted
+# by shape), Granite's residual / embedding / logit multipliers, SmolLM3's layers without RoPE.
+DESCRIBED = ("llama", "mistral", "qwen2", "qwen3", GEMMA3)
 
 
 class UnsupportedModelError(ValueError):
@@ -62,7 +66,7 @@ class Family:
 
 def _check_describable(model: PreTrainedModel) -> None:
     """Refuse what the layer definition does not compute: other layer shapes, soft-capped or bidirectional
-    attention, Gemma generations other than 3."""
+    attention, and any family it is not tested against (Gemma 1 and 2 included)."""
     config, name = model.config, type(model).__name__
     layers = getattr(model.base_model, "layers", None)
     if layers is None:
@@ -78,8 +82,9 @@ def _check_describable(model: PreTrainedModel) -> None:
                                     f"ragblend supports {SUPPORTED}")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{name} attends bidirectionally; ragblend supports causal {SUPPORTED}")
-    if config.model_type.startswith("gemma") and config.model_type != GEMMA3:
-        raise UnsupportedModelError(f"{name} ({config.model_type}) is not Gemma 3 text; ragblend supports {SUPPORTED}")
+    if config.model_type not in DESCRIBED:
+        raise UnsupportedModelError(f"{name} ({config.model_type}) is not a family ragblend's layer definition is "
+                                    f"tested against, though its layers look alike; ragblend supports {SUPPORTED}")
     sandwich = [hasattr(layer, part) for part in SANDWICH_PARTS]
     if any(sandwich) and not all(sandwich):
         raise UnsupportedModelError(f"{name} has only some of Gemma's sandwich norms; ragblend supports {SUPPORTED}")
