@@ -65,8 +65,8 @@ def main() -> None:
                 rss.append(anon_rss_bytes())
                 sizes.append((Path(folder) / "store" / "data.mdb").stat().st_size)
                 over += rb.stats().kv_bytes > budget
-        rb.close()
         stats = rb.stats()
+        rb.close()
     hits = len(ttft["hit"]) / args.queries
     body = (f"{args.docs} documents ({total / 1e6:,.0f} MB of KV, ingested in {ingest_s:,.0f} s), budget "
             f"{budget / 1e6:,.0f} MB ({args.budget_share:.0%}), {args.queries} Zipf(s={args.zipf}) questions in "

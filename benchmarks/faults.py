@@ -111,7 +111,6 @@ def main() -> None:
             rows.append((trial, delay, "killed" if code == -signal.SIGKILL else f"exit {code}", present,
                          "ok" if not problems else "; ".join(problems[:3]), "yes" if completed else "NO"))
             rb.close()
-            rb.store.close()
     table = ("| trial | kill after s | child | documents present | consistency | rerun completes |\n"
              "|---|---|---|---|---|---|\n"
              + "\n".join(f"| {t} | {d:.1f} | {c} | {p} | {s} | {r} |" for t, d, c, p, s, r in rows))

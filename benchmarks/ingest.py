@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> tuple[Result, dict]:
         finally:
             timer.remove()
         stats = rb.stats()
-        rb.store.close()
+        rb.close()
     machine = {"machine": describe_machine(), "model": model.name, "embedder": rb.embedder.name,
                "chunk tokens": rb.store.manifest.chunk_tokens}
     result = Result(records=args.docs, documents=len(docs), chunks=stats.chunks, tokens=stats.tokens,

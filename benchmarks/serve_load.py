@@ -47,7 +47,6 @@ def build_store(folder: Path, records: list[dict]) -> list[str]:
     with RagBlend(folder) as rb:
         rb.add_documents([{"id": f"q{i}-p{j}", "text": f"{c['title']}\n{c['text']}"}
                           for i, r in enumerate(records) for j, c in enumerate(r["ctxs"])], progress=True)
-    rb.store.close()
     return [r["question"] for r in records]
 
 

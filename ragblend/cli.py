@@ -26,9 +26,10 @@ def _ingest(args: argparse.Namespace) -> None:
     report = rb.ingest(docs, progress=True, ttl_s=args.ttl_s, namespace=args.namespace, kv_compute=compute)
     if args.pin:
         rb.pin([d.id for d in docs], args.namespace)
+    stats = rb.stats()
     rb.close()
     print(report.summary())
-    print("\n".join(rb.stats().lines()))
+    print("\n".join(stats.lines()))
 
 
 def _stats(args: argparse.Namespace) -> None:

@@ -202,7 +202,6 @@ def test_int8_kv_takes_about_half_the_bytes_and_stays_close(tiny_model_factory, 
     assert (logits[0] - logits[1]).abs().max() < 0.05
     for rb in (fp16, int8):
         rb.close()
-        rb.store.close()
 
 
 def test_a_store_keeps_its_kv_dtype(tiny_model_factory, embedder, tmp_path):
@@ -288,7 +287,6 @@ def test_a_process_querying_while_another_ingests_sees_only_whole_documents(tmp_
     assert rb.stats().documents == len(docs)
     assert len(rb.search("Which note is about a topic?", top_k=30)) == len(docs)  # the index caught up
     rb.close()
-    rb.store.close()
 
 
 def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_factory, embedder, tmp_path,
@@ -306,7 +304,6 @@ def test_a_full_store_fails_the_ingest_clearly_and_stays_consistent(tiny_model_f
     assert rb.store.check() == []
     assert rb.search("Note 0", top_k=1)[0].doc_id.startswith("n")
     rb.close()
-    rb.store.close()
 
 
 def test_the_running_kv_byte_total_matches_the_records(make_rb):

@@ -120,7 +120,7 @@ def test_chunks_never_cross_document_boundaries(tmp_path, tiny_model, embedder):
             assert " ".join(c.text for c in chunks).split() == text.split()
             assert all(c.refs == [[doc_id, i]] for i, c in enumerate(chunks))
             assert all(len(c.token_ids) <= MIN_CHUNK_TOKENS * 3 for c in chunks)
-    rb.store.close()
+    rb.close()
 
 
 # --- chunk size limits ----------------------------------------------------------------------------

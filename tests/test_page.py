@@ -26,7 +26,6 @@ def server(tmp_path_factory, smollm_dir, embedder):
     model = make_tiny_model_dir(root, "llama", smollm_dir)
     with RagBlend(root / "store", model=model, embedder=embedder) as rb:
         rb.add_documents(DOCS)
-    rb.store.close()  # LMDB allows one environment per process: the server opens its own
     server = ServerProcess(root / "store", "--model", str(model), api_key=KEY)
     yield server
     server.stop()

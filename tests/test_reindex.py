@@ -25,7 +25,6 @@ def old(tiny_model_factory, embedder, tmp_path):
     rb.add_documents(DOCS)
     yield rb
     rb.close()
-    rb.store.close()
 
 
 def chunk_ids(rb: RagBlend) -> dict[str, list[str]]:

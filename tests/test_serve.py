@@ -50,7 +50,6 @@ def expected(tmp_path_factory, model_dir, embedder):
         answers = {mode: rb.query(QUESTION, mode=mode, max_new_tokens=8).text for mode in ("full", "blend")}
         answers["contexts"] = rb.query(QUESTION, contexts=[DOCS[2]["text"]], max_new_tokens=8).text
     assert all(answers.values())
-    rb.store.close()
     return store, answers
 
 

@@ -114,7 +114,6 @@ def test_a_restarted_process_resumes_the_session_from_disk(tiny_model_factory, e
         chat = rb.chat()
         chat.send("Who built the lighthouse?", contexts=PASSAGES[:2], mode="full", max_new_tokens=4)
         session_id = chat.session_id
-    rb.store.close()
     with RagBlend(tmp_path / "store", model=model, embedder=embedder) as again:
         chat = again.chat(session_id)
         answer, reference = send_and_reference(again, chat, "Where did she move?", PASSAGES[2:], mode="full")

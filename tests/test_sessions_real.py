@@ -19,7 +19,6 @@ def rb(tmp_path_factory, smollm, embedder) -> RagBlend:
     rb.add_documents(DOCUMENTS)
     yield rb
     rb.close()
-    rb.store.close()
 
 
 def greedy(rb: RagBlend, ids: list[int], steps: int) -> list[int]:
