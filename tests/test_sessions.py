@@ -305,7 +305,8 @@ def test_closing_waits_for_pending_saves(tiny_model_factory, embedder, tmp_path)
     with RagBlend(tmp_path / "store", model=tiny_model_factory("llama"), embedder=embedder) as rb:
         chat = rb.chat()
         chat.send("Who built the lighthouse?", contexts=PASSAGES, max_new_tokens=4)
-    assert all(t.has_kv for t in rb.session_manager.store.get(chat.session_id).turns)
+    with RagBlend(tmp_path / "store", model=tiny_model_factory("llama"), embedder=embedder) as reopened:
+        assert all(t.has_kv for t in reopened.session_manager.store.get(chat.session_id).turns)
 
 
 def kv(tokens: int) -> ChunkKV:
