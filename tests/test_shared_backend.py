@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("redis", reason="the redis extra is not installed")
 
 from conftest import chunk_records, make_tiny_model_dir  # noqa: E402
-from kvchunks.backends import BackendUnavailableError  # noqa: E402
+from kvchunks.backends import BackendUnavailableError, StoreClosedError  # noqa: E402
 from kvchunks.backends.redis_process import RedisClusterProcess, RedisProcess, redis_server_binary  # noqa: E402
 from kvchunks.budget import LOW_WATER  # noqa: E402
 from ragblend.api import RagBlend  # noqa: E402
@@ -153,6 +153,16 @@ def test_a_backend_that_is_down_at_start_is_a_clear_error_naming_its_url(model_d
     with pytest.raises(SystemExit) as exit_info:
         main(["stats", "--store", str(tmp_path / "a"), "--kv-backend", server.url])
     assert exit_info.value.code == 2 and server.url in capsys.readouterr().err
+
+
+def test_a_closed_replica_says_so_and_leaves_the_backend_to_the_others(model_dir, embedder, backend, tmp_path):
+    closed = replica(tmp_path / "a", model_dir, embedder, backend)
+    closed.add_documents(DOCS)
+    closed.close()
+    with pytest.raises(StoreClosedError, match="closed"):
+        closed.query(QUESTION, max_new_tokens=4)
+    with replica(tmp_path / "b", model_dir, embedder, backend) as other:
+        assert other.query(QUESTION, max_new_tokens=4).timings["kv_misses"] == 0
 
 
 def test_a_replica_with_another_model_is_refused(model_dir, smollm_dir, embedder, backend, tmp_path):

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvchunks.backends.errors import BackendUnavailableError, StoreFullError
+from kvchunks.backends.errors import BackendUnavailableError, StoreClosedError, StoreFullError
 
 PREFIX = b"ragblend:"
 CHANGES_CHANNEL = PREFIX + b"changes"
@@ -210,6 +210,8 @@ class RedisEnv:
         return RedisDB(name)
 
     def begin(self, write: bool = False, buffers: bool = False) -> RedisTxn:
+        if self._closed.is_set():
+            raise StoreClosedError(f"the ragblend store at {self.url} was closed (its RagBlend's close())")
         return RedisTxn(self, write)
 
     def warm(self, txn: RedisTxn, db: RedisDB, keys: list[bytes]) -> None:
