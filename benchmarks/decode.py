@@ -346,26 +346,30 @@ def llama_cpp_ms_per_token(binary: str, model, context: int, tokens: int, runs: 
     return statistics.median(times)
 
 
-def section_llamacpp(model, binary: str, contexts: list[int], tokens: int) -> str:
+def section_llamacpp(model, binary: str, contexts: list[int], tokens: int, rounds: int = 4) -> str:
     """One request's decode step against llama.cpp's `llama-cli` (a binary the caller built; nothing of
-    llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run."""
-    quantized = {weights: with_decode_weights(model, weights) for weights in ("int8", "int4")}
+    llama.cpp is in this project) on the bundled Q4_1 GGUF: same machine, same threads, one run; ragblend's
+    options in alternating rounds, as in the weights section."""
+    options, _ = decode_options(model)
     rows = []
     for context in contexts:
         llama = llama_cpp_ms_per_token(binary, model, context, tokens)
-        ours = {}
-        for name, weights in (("fp32", model), *quantized.items()):
-            sequence = Sequence(weights, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
-            timed_steps(weights, [sequence], 4, True)  # packs the weights
-            ours[name] = statistics.median(timed_steps(weights, [sequence], tokens, True)) * 1e3
-        rows.append(f"| {context:,} | {llama:.1f} ms | {ours['fp32']:.1f} ms ({ours['fp32'] / llama:.2f}x) | "
-                    f"{ours['int8']:.1f} ms ({ours['int8'] / llama:.2f}x) | {ours['int4']:.1f} ms ({ours['int4'] / llama:.2f}x) |")
+        sequence = Sequence(model, *prompt_cache(model, context, 0), context, SamplingConfig(), [])
+        times = {w: [] for w in WEIGHTS}
+        for option in options.values():
+            timed_steps(option, [sequence], 4, True)  # warm-up
+        for _ in range(rounds):
+            for weights, option in options.items():
+                times[weights] += timed_steps(option, [sequence], tokens // rounds, True)
+        ours = {w: statistics.median(t) * 1e3 for w, t in times.items()}
+        rows.append(f"| {context:,} | {llama:.1f} ms | " + " | ".join(
+            f"{ours[w]:.1f} ms ({ours[w] / llama:.2f}x)" for w in WEIGHTS) + " |")
         print(rows[-1], flush=True)
     return "\n".join([
         f"One request's decode step after a prompt of the given length, {tokens} tokens, {torch.get_num_threads()} "
         "threads each, same machine, one run (llama.cpp: its own eval timing, median of 2 runs; ragblend: median "
-        "step). llama.cpp reads the bundled Q4_1 weights (~92 MB) and an fp16 cache; ragblend fp32 weights "
-        "(540 MB) or int8 / int4 decode weights, and an fp32 cache.", "",
+        f"step, the options in {rounds} alternating rounds). llama.cpp reads the bundled Q4_1 weights (~92 MB) "
+        "and an fp16 cache; ragblend fp32 weights (540 MB) or int8 / int4 decode weights, and an fp32 cache.", "",
         "| context | llama.cpp (Q4_1, llama-cli) | ragblend fp32 | ragblend int8 decode weights | ragblend int4 |",
         "|---|---|---|---|---|", *rows])
 
