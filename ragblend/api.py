@@ -117,10 +117,9 @@ class RagBlend:
         self._session_lock = threading.Lock()
         self._calibrated: BlendConfig | None = None  # the calibration last read (calibrated_blend)
         self._sessions: SessionManager | None = None
-        self._started: list[SessionManager] = []  # what `_release` closes (holds nothing of this RagBlend)
-        # Also when this RagBlend is collected or the interpreter exits without `close`: pending session
-        # saves finish, then the store's environment is released (LMDB keeps a mapping open until then).
-        self._release = weakref.finalize(self, _release, self._started, self.store)
+        self._started: list[SessionManager] = []  # the session managers `_release` closes
+        # `close`, run once: also when this RagBlend is collected or the interpreter exits without it.
+        self._release = weakref.finalize(self, _release, self.requests, self._started, self.store)
 
     def add_documents(self, docs: Iterable[str | dict | Document], progress: bool = False,
                       ttl_s: float | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
@@ -242,17 +241,8 @@ class RagBlend:
 
     def close(self) -> None:
         """Wait for running answers and pending session saves, record KV uses, stop background work and
-        release the store (its LMDB mapping closes once no other RagBlend in the process uses the folder)."""
-        if not self._release.alive:
-            return
-        self.requests.loop.close()
-        if self._sessions is not None:
-            self._sessions.close()
-        self.requests.close()
-        try:
-            self.store.enforce_budget()
-        except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints
-            warnings.warn(f"chunk KV use times not recorded: {exc}", RuntimeWarning, stacklevel=2)
+        release the store (its LMDB mapping closes once no other RagBlend in the process uses the folder).
+        A second call does nothing."""
         self._release()
 
     def __enter__(self) -> RagBlend:
@@ -412,9 +402,16 @@ def _embed_one(embedder: Embedder, text: str):
     return embedder.embed([text])[0]
 
 
-def _release(managers: list[SessionManager], store: Store) -> None:
-    """What closing a RagBlend ends last: its sessions' background work (pending saves finish), then its
-    hold on the store's environment. Holds nothing of the RagBlend, so a dropped one is collected."""
+def _release(requests: RequestPath, managers: list[SessionManager], store: Store) -> None:
+    """A RagBlend's close, holding nothing of the RagBlend (so a dropped one is collected and closed): the
+    engine's running answers finish, then the sessions' pending saves and the exact paths' writes, so no
+    thread is inside the store when its environment is released."""
+    requests.loop.close()
     for manager in managers:
         manager.close()
+    requests.close()
+    try:
+        store.enforce_budget()
+    except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints
+        warnings.warn(f"chunk KV use times not recorded: {exc}", RuntimeWarning, stacklevel=4)  # the caller of close()
     store.close()

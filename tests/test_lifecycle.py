@@ -68,3 +68,19 @@ def test_two_ragblends_on_one_folder_keep_it_open_until_both_close(tmp_path, tin
     first.close()
     assert second.query("What colour was the lighthouse?", max_new_tokens=4).token_ids
     second.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from /proc")
+def test_a_ragblend_dropped_while_its_answer_streams_lives_until_the_stream_is_read(tmp_path, tiny_model, embedder):
+    rb = RagBlend(tmp_path / "store", model=tiny_model, embedder=embedder)
+    rb.add_documents([DOC])
+    expected = rb.query("What colour was the lighthouse?", max_new_tokens=12).token_ids
+    stream = rb.query("What colour was the lighthouse?", max_new_tokens=12, stream=True)
+    alive = weakref.ref(rb)
+    del rb
+    gc.collect()
+    "".join(stream)
+    assert stream.answer.token_ids == expected
+    del stream
+    gc.collect()
+    assert alive() is None and not mapped(tmp_path / "store")
