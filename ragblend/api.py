@@ -410,6 +410,8 @@ def _release(requests: RequestPath, managers: list[SessionManager], store: Store
     for manager in managers:
         manager.close()
     requests.close()
+    if store.closed:  # released directly (`rb.store.close()`): nothing left to record or release
+        return
     try:
         store.enforce_budget()
     except BackendUnavailableError as exc:  # closing must not fail for it: the uses are only LRU hints

@@ -30,7 +30,6 @@ def make_rb(tiny_model_factory, embedder, tmp_path):
     yield make
     for rb in made:
         rb.close()
-    made[-1].store.close()
 
 
 def per_doc_bytes(rb: RagBlend) -> int:

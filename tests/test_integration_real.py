@@ -32,7 +32,7 @@ def rb(tmp_path_factory, smollm, embedder) -> RagBlend:
     store = RagBlend(tmp_path_factory.mktemp("real") / "store", model=smollm, embedder=embedder)
     store.add_documents(DOCUMENTS)
     yield store
-    store.store.close()
+    store.close()
 
 
 @pytest.mark.parametrize("question", QUESTIONS)

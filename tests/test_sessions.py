@@ -120,7 +120,7 @@ def test_a_restarted_process_resumes_the_session_from_disk(tiny_model_factory, e
         assert answer.timings["history_source"] == "disk"
         assert (answer.first_token_logits - reference).abs().max() < 2e-2
         assert chat.turns == 2
-    again.store.close()
+    again.close()
 
 
 def test_a_crash_during_a_save_loses_only_that_turns_kv(model_dir, tmp_path):

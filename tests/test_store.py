@@ -51,7 +51,7 @@ def open_store(path: Path, model, embedder, **kwargs) -> RagBlend:
 
 def close(rb: RagBlend) -> None:
     """Release the store: LMDB allows one open environment per path and process."""
-    rb.store.close()
+    rb.close()
 
 
 def store_contents(path: Path) -> dict:

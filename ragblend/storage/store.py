@@ -359,6 +359,10 @@ class Store:
                         problems.extend(self.kv.verify(txn, chunk_id))
         return problems
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Release this store's hold on the environment; it closes once no Store in the process uses it."""
         if not self._closed:
