@@ -254,7 +254,8 @@ def section_quality(model, dataset: str, questions: int, passages: int, tokens: 
              "tokens identical | ms per token |", "|---|---|---|---|---|---|---|---|"]
     for mode in ("full", "blend"):
         reference = found[mode, "float32"]
-        correct = {w: [contains_answer(text, gold) for (text, _, _), gold in zip(found[mode, w], golds)] for w in WEIGHTS}
+        correct = {w: [contains_answer(text, gold) for (text, _, _), gold in zip(found[mode, w], golds)]
+                   for w in WEIGHTS}
         for weights in WEIGHTS:
             answers = found[mode, weights]
             f1 = statistics.mean(best_f1(text, gold) for (text, _, _), gold in zip(answers, golds))

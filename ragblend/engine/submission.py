@@ -3,8 +3,8 @@
 The loop thread fills it (the prefill's value, then text pieces, then the end or an error); the
 caller's thread reads it (`result()`, then iteration). Pieces are queued without bound, so a caller
 that stops reading never blocks the loop: its answer is generated into memory, at most max_new_tokens
-pieces. `cancel()` (what closing the caller's stream calls) asks the loop to drop the request at its next step, which releases
-its decode cache; the request's answer is then never finished.
+pieces. `cancel()` (what closing the caller's stream calls) asks the loop to drop the request at its
+next step, which releases its decode cache; the request's answer is then never finished.
 """
 from __future__ import annotations
 
